@@ -1,0 +1,106 @@
+"""SAM's mask decoder: two-way transformer + hypernetwork MLPs + IoU head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import MLP, LayerNorm2d
+from .transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    """Predicts ``1 + num_multimask_outputs`` masks and their IoU from image + prompt embeddings.
+
+    Token 0 of the mask tokens gives the single-mask output; tokens 1..3 the ambiguity-aware
+    multimask output.
+    """
+
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: TwoWayTransformer,
+        num_multimask_outputs: int = 3,
+        activation: type[nn.Module] = nn.GELU,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            activation(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            activation(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``.
+
+        ``image_embeddings`` is ``1 x C x h x w`` (shared by all B prompts) or ``B x C x h x w``.
+        """
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``num_mask_tokens`` masks and IoU predictions."""
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
+        )
+        if image_embeddings.shape[0] == b:
+            src = image_embeddings
+        elif image_embeddings.shape[0] == 1:
+            src = image_embeddings.expand(b, -1, -1, -1)
+        else:
+            raise ValueError(
+                f"image_embeddings batch {image_embeddings.shape[0]} does not match {b} prompts"
+            )
+        src = src + dense_prompt_embeddings
+        pos_src = image_pe.expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        upscaled = self.output_upscaling(src)  # B x C/8 x 4h x 4w
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )  # B x M x C/8
+        _, uc, uh, uw = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, uc, uh * uw)).reshape(b, -1, uh, uw)
+        return masks, self.iou_prediction_head(iou_token_out)

@@ -1,0 +1,160 @@
+"""SAM's prompt encoder: points, boxes and a low-resolution mask -> sparse + dense embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import LayerNorm2d
+
+
+class PromptEncoder(nn.Module):
+    """Encodes prompts for the mask decoder.
+
+    Points are ``B x N x 2`` (x, y) in the model's input frame with labels ``B x N``
+    (1 positive, 0 negative, -1 padding); boxes ``B x 4`` xyxy; masks ``B x 1 x 4h x 4w``
+    logits where ``h x w`` is ``image_embedding_size``.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        image_embedding_size: tuple[int, int],
+        input_image_size: tuple[int, int],
+        mask_in_chans: int,
+        activation: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.input_image_size = input_image_size
+        self.image_embedding_size = image_embedding_size
+        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        # 0 negative point, 1 positive point, 2 box top-left, 3 box bottom-right.
+        self.num_point_embeddings = 4
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans // 4),
+            activation(),
+            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans),
+            activation(),
+            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """``1 x embed_dim x h x w`` positional encoding of the embedding grid."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        points = points + 0.5  # pixel centres
+        if pad:
+            # A padding point keeps the token count the same as with a box.
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+        emb = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        labels = labels[..., None]
+        emb = torch.where(labels == -1, torch.zeros_like(emb), emb)
+        emb = emb + (labels == -1) * self.not_a_point_embed.weight
+        emb = emb + (labels == 0) * self.point_embeddings[0].weight
+        emb = emb + (labels == 1) * self.point_embeddings[1].weight
+        return emb
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        boxes = boxes + 0.5
+        corners = boxes.reshape(-1, 2, 2)
+        emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
+        corner_embed = torch.stack(
+            [self.point_embeddings[2].weight[0], self.point_embeddings[3].weight[0]]
+        )
+        return emb + corner_embed
+
+    def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        return self.mask_downscaling(masks)
+
+    @staticmethod
+    def _batch_size(
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> int:
+        if points is not None:
+            return points[0].shape[0]
+        if boxes is not None:
+            return boxes.shape[0]
+        if masks is not None:
+            return masks.shape[0]
+        return 1
+
+    def _device(self) -> torch.device:
+        return self.point_embeddings[0].weight.device
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns sparse ``B x T x embed_dim`` and dense ``B x embed_dim x h x w`` embeddings."""
+        bs = self._batch_size(points, boxes, masks)
+        weight = self.point_embeddings[0].weight
+        parts = [weight.new_empty((bs, 0, self.embed_dim))]
+        if points is not None:
+            coords, labels = points
+            parts.append(self._embed_points(coords, labels, pad=boxes is None))
+        if boxes is not None:
+            parts.append(self._embed_boxes(boxes))
+        sparse = torch.cat(parts, dim=1)
+        if masks is not None:
+            dense = self._embed_masks(masks)
+        else:
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                bs, -1, self.image_embedding_size[0], self.image_embedding_size[1]
+            )
+        return sparse, dense
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Positional encoding with random spatial frequencies (Tancik et al., 2020)."""
+
+    def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
+        super().__init__()
+        if scale is None or scale <= 0.0:
+            scale = 1.0
+        self.register_buffer(
+            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
+        )
+
+    positional_encoding_gaussian_matrix: torch.Tensor
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        """``... x 2`` coordinates in [0, 1] -> ``... x 2*num_pos_feats``."""
+        coords = 2 * coords - 1
+        coords = coords @ self.positional_encoding_gaussian_matrix
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        """``C x h x w`` encoding of a grid's cell centres."""
+        h, w = size
+        device = self.positional_encoding_gaussian_matrix.device
+        grid = torch.ones((h, w), device=device, dtype=torch.float32)
+        y_embed = (grid.cumsum(dim=0) - 0.5) / h
+        x_embed = (grid.cumsum(dim=1) - 0.5) / w
+        pe = self._pe_encoding(torch.stack([x_embed, y_embed], dim=-1))
+        return pe.permute(2, 0, 1)
+
+    def forward_with_coords(
+        self, coords_input: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``B x N x 2`` pixel coordinates (x, y) in an ``image_size`` (h, w) frame."""
+        coords = coords_input.clone()
+        coords[:, :, 0] = coords[:, :, 0] / image_size[1]
+        coords[:, :, 1] = coords[:, :, 1] / image_size[0]
+        return self._pe_encoding(coords.to(torch.float))

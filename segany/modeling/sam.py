@@ -1,0 +1,117 @@
+"""The composed SAM model: image encoder + prompt encoder + mask decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+
+class Sam(nn.Module):
+    """Weights only; image state lives in :class:`segany.Predictor`.
+
+    ``pixel_mean``/``pixel_std`` are non-persistent buffers (absent from official checkpoints).
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        """Side of the square model input (the longest image side is resized to it)."""
+        return int(self.image_encoder.img_size)
+
+    @torch.no_grad()
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """End-to-end prediction with the same input/output records as the reference ``Sam``.
+
+        Each input dict holds ``image`` (3 x H x W, already resized), ``original_size`` (H, W)
+        and optionally ``point_coords`` (B x N x 2), ``point_labels`` (B x N), ``boxes``
+        (B x 4), ``mask_inputs`` (B x 1 x 256 x 256).
+        """
+        images = torch.stack([self.preprocess(x["image"]) for x in batched_input], dim=0)
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, emb in zip(batched_input, embeddings):
+            points = None
+            if "point_coords" in record:
+                points = (record["point_coords"], record["point_labels"])
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou = self.mask_decoder(
+                image_embeddings=emb.unsqueeze(0),
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            masks = self.postprocess_masks(
+                low_res,
+                input_size=record["image"].shape[-2:],
+                original_size=record["original_size"],
+            )
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
+        return outputs
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, ...] | torch.Size,
+        original_size: tuple[int, ...] | torch.Size,
+    ) -> torch.Tensor:
+        """Low-res ``B x M x 4h x 4w`` logits -> ``B x M x H x W`` logits at the original size.
+
+        Upscale to the padded model input, crop the padding, then resize to the original.
+        """
+        size = self.img_size
+        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        masks = masks[..., : int(input_size[0]), : int(input_size[1])]
+        return F.interpolate(
+            masks,
+            (int(original_size[0]), int(original_size[1])),
+            mode="bilinear",
+            align_corners=False,
+        )
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a ``3 x h x w`` (or ``B x 3 x h x w``) image and pad it to the square input."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))

@@ -1,0 +1,380 @@
+"""``Predictor``: encode an image once, then decode any number of prompts in milliseconds.
+
+A drop-in for ``segment_anything.SamPredictor`` (same methods, arguments and return values)
+with two additions: many objects in one call (:meth:`Predictor.predict_batch`, or ``predict``
+with several boxes / a batch of point sets) and image embeddings that can be saved and loaded
+(:meth:`Predictor.save_embedding`, :meth:`Predictor.load_embedding`) so an image is encoded
+once across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .modeling.sam import Sam
+from .transforms import ResizeLongestSide
+
+ArrayLike = Any
+
+
+class Predictor:
+    """Stateful wrapper around a stateless :class:`~segany.modeling.Sam`."""
+
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.reset_image()
+
+    # ------------------------------------------------------------------ image state
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forgets the current image and its embedding."""
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Encodes an ``H x W x 3`` uint8 image (``image_format`` "RGB" or "BGR")."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        from .images import validate_image_array
+
+        image = validate_image_array(image)
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+        self.set_torch_image(tensor[None], (int(image.shape[0]), int(image.shape[1])))
+
+    @torch.no_grad()
+    def set_torch_image(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
+    ) -> None:
+        """Encodes a ``1 x 3 x h x w`` image already resized to longest side ``img_size``."""
+        size = self.model.image_encoder.img_size
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[0] != 1
+            or transformed_image.shape[1] != 3
+            or max(*transformed_image.shape[2:]) != size
+        ):
+            raise ValueError(
+                f"set_torch_image expects 1 x 3 x h x w with longest side {size}, "
+                f"got {tuple(transformed_image.shape)}"
+            )
+        self.reset_image()
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+        image = self.model.preprocess(transformed_image.to(self.device, torch.float32))
+        self.features = self.model.image_encoder(image)
+        self._set_sizes()
+
+    def _set_sizes(self) -> None:
+        assert self.original_size is not None and self.input_size is not None
+        self.orig_h, self.orig_w = self.original_size
+        self.input_h, self.input_w = self.input_size
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The ``1 x C x h x w`` embedding of the current image."""
+        self._require_image()
+        assert self.features is not None
+        return self.features
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("no image is set: call set_image(...) before predicting")
+
+    # ------------------------------------------------------------------ embeddings on disk
+    def model_fingerprint(self) -> str:
+        """Identifies the weights an embedding was computed with (config + a few tensors)."""
+        cfg = getattr(self.model, "config", None)
+        h = hashlib.sha256(cfg.to_json().encode() if cfg is not None else b"?")
+        for t in (
+            self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+            self.model.prompt_encoder.no_mask_embed.weight,
+            *[p for p in self.model.image_encoder.parameters()][-2:],
+        ):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save_embedding(self, path: str | os.PathLike[str]) -> None:
+        """Writes the current image embedding and sizes to a ``.safetensors`` file (atomically)."""
+        from safetensors.torch import save_file
+
+        self._require_image()
+        assert self.features is not None
+        meta = {
+            "format": "pt",
+            "segany_embedding": json.dumps(
+                {
+                    "original_size": list(self.original_size or ()),
+                    "input_size": list(self.input_size or ()),
+                    "model": self.model_fingerprint(),
+                }
+            ),
+        }
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            save_file({"features": self.features.detach().cpu().contiguous()}, str(tmp), meta)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def load_embedding(self, path: str | os.PathLike[str]) -> None:
+        """Restores an embedding written by :meth:`save_embedding` for the same model."""
+        from safetensors import SafetensorError, safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"embedding file not found: {p}")
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as fh:
+                raw = (fh.metadata() or {}).get("segany_embedding")
+                features = fh.get_tensor("features")
+            if raw is None:
+                raise ValueError("no segany_embedding metadata")
+            meta = json.loads(raw)
+            original, inp = tuple(meta["original_size"]), tuple(meta["input_size"])
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{p} is not a valid segany embedding file: {exc}") from exc
+        if meta.get("model") != self.model_fingerprint():
+            raise ValueError(
+                f"embedding {p} was computed with different model weights than this predictor's"
+            )
+        self.reset_image()
+        self.features = features.to(self.device)
+        self.original_size = (int(original[0]), int(original[1]))
+        self.input_size = (int(inp[0]), int(inp[1]))
+        self._set_sizes()
+
+    # ------------------------------------------------------------------ prompts
+    def predict(
+        self,
+        point_coords: ArrayLike | None = None,
+        point_labels: ArrayLike | None = None,
+        box: ArrayLike | None = None,
+        mask_input: ArrayLike | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one object, as the reference; several objects when given a batch.
+
+        Args (original image pixels):
+            point_coords: ``N x 2`` (x, y); or ``B x N x 2`` for B objects.
+            point_labels: ``N`` (1 positive, 0 negative, -1 ignored); or ``B x N``.
+            box: ``4`` or ``1 x 4`` xyxy; ``B x 4`` for B objects.
+            mask_input: ``1 x 256 x 256`` low-res logits from a previous call; ``B x 1 x ...``.
+
+        Returns ``(masks C x H x W, iou_predictions C, low_res_logits C x 256 x 256)`` with
+        C = 3 if ``multimask_output`` else 1; with B objects each gains a leading ``B`` axis.
+        Masks are bool unless ``return_logits``.
+        """
+        pts = None if point_coords is None else np.asarray(point_coords)
+        bx = None if box is None else np.asarray(box)
+        batched = (pts is not None and pts.ndim == 3) or (
+            bx is not None and bx.ndim == 2 and bx.shape[0] > 1
+        )
+        if batched:
+            return self.predict_batch(
+                pts, point_labels, bx, mask_input, multimask_output, return_logits
+            )
+        if pts is not None:
+            pts = pts[None] if pts.ndim == 2 else pts
+        labels = None if point_labels is None else np.asarray(point_labels)
+        if labels is not None:
+            labels = labels[None] if labels.ndim == 1 else labels
+        if bx is not None and bx.ndim == 1:
+            bx = bx[None]
+        mask = None if mask_input is None else np.asarray(mask_input)
+        if mask is not None and mask.ndim == 3:
+            mask = mask[None]
+        masks, iou, low = self.predict_batch(pts, labels, bx, mask, multimask_output, return_logits)
+        return masks[0], iou[0], low[0]
+
+    def predict_batch(
+        self,
+        point_coords: ArrayLike | Sequence[ArrayLike] | None = None,
+        point_labels: ArrayLike | Sequence[ArrayLike] | None = None,
+        boxes: ArrayLike | None = None,
+        mask_input: ArrayLike | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for B objects in one decoder pass.
+
+        ``point_coords`` is ``B x N x 2`` or a list of B arrays ``N_i x 2`` (padded with
+        label -1), ``point_labels`` likewise, ``boxes`` ``B x 4``, ``mask_input``
+        ``B x 1 x 256 x 256``. Any of them may be None. Returns ``B x C x H x W`` masks,
+        ``B x C`` IoU predictions and ``B x C x 256 x 256`` low-res logits.
+        """
+        self._require_image()
+        coords_t, labels_t, box_t, mask_t = self._prepare_prompts(
+            point_coords, point_labels, boxes, mask_input
+        )
+        masks, iou, low = self.predict_torch(
+            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits
+        )
+        return (
+            masks.detach().cpu().numpy(),
+            iou.detach().float().cpu().numpy(),
+            low.detach().float().cpu().numpy(),
+        )
+
+    def _prepare_prompts(
+        self,
+        point_coords: Any,
+        point_labels: Any,
+        boxes: Any,
+        mask_input: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        assert self.original_size is not None
+        h, w = self.original_size
+        coords_t = labels_t = box_t = mask_t = None
+        batch: list[tuple[str, int]] = []
+        if point_coords is not None or point_labels is not None:
+            if point_coords is None or point_labels is None:
+                raise ValueError("point_coords and point_labels must be given together")
+            coords, labels = _pad_points(point_coords, point_labels)
+            _check_finite(coords, "point_coords")
+            valid = labels != -1
+            xs, ys = coords[..., 0][valid], coords[..., 1][valid]
+            if xs.size and (xs.min() < 0 or ys.min() < 0 or xs.max() > w or ys.max() > h):
+                raise ValueError(
+                    f"point_coords out of bounds: points must lie within the {w}x{h} image "
+                    f"(0 <= x <= {w}, 0 <= y <= {h})"
+                )
+            coords = self.transform.apply_coords(coords, self.original_size)
+            coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)
+            labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)
+            batch.append(("points", coords.shape[0]))
+        if boxes is not None:
+            b = np.asarray(boxes, dtype=np.float64)
+            if b.ndim == 1:
+                b = b[None]
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise ValueError(f"boxes must be B x 4 (x0, y0, x1, y1), got shape {b.shape}")
+            _check_finite(b, "box")
+            if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+                raise ValueError("boxes must be x0, y0, x1, y1 with x1 >= x0 and y1 >= y0")
+            if b.size and (
+                b[:, 0::2].min() < 0
+                or b[:, 1::2].min() < 0
+                or b[:, 0::2].max() > w
+                or b[:, 1::2].max() > h
+            ):
+                raise ValueError(
+                    f"box out of bounds: coordinates must lie within the {w}x{h} image"
+                )
+            box_t = torch.as_tensor(
+                self.transform.apply_boxes(b, self.original_size),
+                dtype=torch.float,
+                device=self.device,
+            )
+            batch.append(("boxes", b.shape[0]))
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            expected = self.model.prompt_encoder.mask_input_size
+            if m.ndim == 3:
+                m = m[None]
+            if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != tuple(expected):
+                raise ValueError(
+                    f"mask_input must be B x 1 x {expected[0]} x {expected[1]} low-res logits "
+                    f"(as returned by predict), got shape {m.shape}"
+                )
+            _check_finite(m, "mask_input")
+            mask_t = torch.as_tensor(m, dtype=torch.float, device=self.device)
+            batch.append(("mask_input", m.shape[0]))
+        sizes = {n for _, n in batch}
+        if len(sizes) > 1:
+            raise ValueError(
+                "prompt batch sizes differ: " + ", ".join(f"{k}={n}" for k, n in batch)
+            )
+        return coords_t, labels_t, box_t, mask_t
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prediction on tensors already in the model's input frame.
+
+        ``point_coords`` ``B x N x 2``, ``point_labels`` ``B x N``, ``boxes`` ``B x 4``,
+        ``mask_input`` ``B x 1 x 256 x 256``. Returns masks ``B x C x H x W``, IoU ``B x C``,
+        low-res logits ``B x C x 256 x 256``.
+        """
+        self._require_image()
+        assert self.features is not None and self.input_size and self.original_size
+        points = (point_coords, point_labels) if point_coords is not None else None
+        if points is not None and point_labels is None:
+            raise ValueError("point_labels must be supplied with point_coords")
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+
+def _check_finite(a: np.ndarray, name: str) -> None:
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _pad_points(coords: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks per-object point sets into ``B x N x 2`` / ``B x N``, padding with label -1."""
+    if (
+        isinstance(coords, np.ndarray)
+        or not isinstance(coords, (list, tuple))
+        or (len(coords) and np.ndim(coords[0]) < 2)
+    ):
+        c = np.asarray(coords, dtype=np.float64)
+        lab = np.asarray(labels)
+        c_list = [c] if c.ndim == 2 else list(c)
+        l_list = [lab] if lab.ndim == 1 else list(lab)
+        if c.ndim not in (2, 3):
+            raise ValueError(f"point_coords must be N x 2 or B x N x 2, got shape {c.shape}")
+    else:
+        c_list = [np.asarray(c, dtype=np.float64) for c in coords]
+        l_list = [np.asarray(lab) for lab in labels]
+    if len(c_list) != len(l_list):
+        raise ValueError(f"{len(c_list)} point sets but {len(l_list)} label sets")
+    n = max((len(c) for c in c_list), default=0)
+    out_c = np.zeros((len(c_list), n, 2), dtype=np.float64)
+    out_l = -np.ones((len(c_list), n), dtype=np.int64)
+    for i, (c, lab) in enumerate(zip(c_list, l_list)):
+        if c.ndim != 2 or c.shape[1] != 2:
+            raise ValueError(f"point_coords must be N x 2 (x, y) per object, got {c.shape}")
+        if lab.shape != (c.shape[0],):
+            raise ValueError(f"point_labels shape {lab.shape} does not match {c.shape[0]} points")
+        if lab.size and not np.isin(lab, (-1, 0, 1)).all():
+            raise ValueError("point_labels must be 1 (positive), 0 (negative) or -1 (ignore)")
+        out_c[i, : len(c)] = c
+        out_l[i, : len(c)] = lab
+    return out_c, out_l

@@ -1,0 +1,84 @@
+"""Registry of model variants: name -> config, description and where official weights live.
+
+Nothing is downloaded: official checkpoints are files the user already has; the URL is only
+shown in messages so people know where to get them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .modeling.config import SamConfig, ViTEncoderConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered variant."""
+
+    name: str
+    config: SamConfig
+    description: str
+    checkpoint_file: str | None = None  #: official file name, if any
+    url: str | None = None  #: where the official file can be downloaded (never fetched here)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(spec: ModelSpec, *, aliases: tuple[str, ...] = ()) -> ModelSpec:
+    """Adds ``spec`` to the registry; a name may be registered once."""
+    for key in (spec.name, *aliases):
+        if key in _REGISTRY or key in _ALIASES:
+            raise ValueError(f"model name {key!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    for alias in aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec for ``name`` (or an alias); ``ValueError`` listing the known names otherwise."""
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown model {name!r}; known models: {known}")
+    return _REGISTRY[key]
+
+
+def list_models() -> list[ModelSpec]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def find_variant(config: SamConfig) -> str | None:
+    """Name of the registered variant whose config equals ``config``, if any."""
+    for spec in _REGISTRY.values():
+        if spec.config == config:
+            return spec.name
+    return None
+
+
+_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+
+def _sam_vit(
+    name: str, embed_dim: int, depth: int, heads: int, glob: tuple[int, ...], file: str, desc: str
+) -> ModelSpec:
+    cfg = SamConfig(
+        image_encoder=ViTEncoderConfig(
+            embed_dim=embed_dim, depth=depth, num_heads=heads, global_attn_indexes=glob
+        )
+    )
+    return ModelSpec(name, cfg, desc, checkpoint_file=file, url=_BASE_URL + file)
+
+
+register_model(
+    _sam_vit("vit_b", 768, 12, 12, (2, 5, 8, 11), "sam_vit_b_01ec64.pth", "SAM ViT-B (91M)")
+)
+register_model(
+    _sam_vit("vit_l", 1024, 24, 16, (5, 11, 17, 23), "sam_vit_l_0b3195.pth", "SAM ViT-L (308M)")
+)
+register_model(
+    _sam_vit("vit_h", 1280, 32, 16, (7, 15, 23, 31), "sam_vit_h_4b8939.pth", "SAM ViT-H (636M)"),
+    aliases=("default",),
+)

@@ -92,9 +92,9 @@ def build_reference(config: SamConfig) -> torch.nn.Module:
     return ref.eval()
 
 
-def make_pair(config: SamConfig = TINY, seed: int = 0):
+def make_pair(config: SamConfig = TINY, seed: int = 0, scale: float = 0.2):
     """(segany model, reference model) with identical random weights."""
-    ours = randomize_(build_sam(config), seed).eval()
+    ours = randomize_(build_sam(config), seed, scale).eval()
     ref = build_reference(config)
     ref.load_state_dict(ours.state_dict(), strict=True)
     return ours, ref

@@ -209,14 +209,7 @@ class AutomaticMaskGenerator:
         # float64 like the reference: the prompt encoder casts after its +0.5 and scaling.
         in_points = torch.as_tensor(coords, device=pred.device)[:, None, :]
         in_labels = torch.ones(in_points.shape[0], 1, dtype=torch.int, device=pred.device)
-        sparse, dense = model.prompt_encoder(points=(in_points, in_labels), boxes=None, masks=None)
-        low_res, iou = model.mask_decoder(
-            image_embeddings=pred.get_image_embedding(),
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        low_res, iou = pred.decode_low_res((in_points, in_labels), None, None, True)
         n_out = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou = iou.flatten(0, 1)

@@ -42,6 +42,7 @@ class Predictor:
         """Forgets the current image and its embedding."""
         self.is_image_set = False
         self.features: torch.Tensor | None = None
+        self.high_res_features: list[torch.Tensor] | None = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
@@ -79,7 +80,7 @@ class Predictor:
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         image = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features = self.model.image_encoder(image)
+        self.features, self.high_res_features = self.model.encode_image(image)
         self._set_sizes()
 
     def _set_sizes(self) -> None:
@@ -130,7 +131,10 @@ class Predictor:
         out = Path(path)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            save_file({"features": self.features.detach().cpu().contiguous()}, str(tmp), meta)
+            tensors = {"features": self.features.detach().cpu().contiguous()}
+            for i, f in enumerate(self.high_res_features or []):
+                tensors[f"high_res_{i}"] = f.detach().cpu().contiguous()
+            save_file(tensors, str(tmp), meta)
             os.replace(tmp, out)
         finally:
             if tmp.exists():
@@ -147,6 +151,8 @@ class Predictor:
             with safe_open(str(p), framework="pt", device="cpu") as fh:
                 raw = (fh.metadata() or {}).get("segany_embedding")
                 features = fh.get_tensor("features")
+                names = sorted(k for k in fh.keys() if k.startswith("high_res_"))  # noqa: SIM118
+                high_res = [fh.get_tensor(k) for k in names] or None
             if raw is None:
                 raise ValueError("no segany_embedding metadata")
             meta = json.loads(raw)
@@ -159,6 +165,7 @@ class Predictor:
             )
         self.reset_image()
         self.features = features.to(self.device)
+        self.high_res_features = None if high_res is None else [f.to(self.device) for f in high_res]
         self.original_size = (int(original[0]), int(original[1]))
         self.input_size = (int(inp[0]), int(inp[1]))
         self._set_sizes()
@@ -328,21 +335,40 @@ class Predictor:
         points = (point_coords, point_labels) if point_coords is not None else None
         if points is not None and point_labels is None:
             raise ValueError("point_labels must be supplied with point_coords")
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        low_res, iou = self.decode_low_res(points, boxes, mask_input, multimask_output)
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
 
+    def decode_low_res(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder on the cached embedding: ``B x C x 4h x 4w`` logits
+        and ``B x C`` IoU predictions, before any upsampling."""
+        self._require_image()
+        model = self.model
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        extra = {}
+        if self.high_res_features is not None:
+            extra["high_res_features"] = self.high_res_features
+        return model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            **extra,
+        )
 
-def _check_finite(a: np.ndarray, name: str) -> None:
+
+def _check_finite(
+
+a: np.ndarray, name: str) -> None:
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
 

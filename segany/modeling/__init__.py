@@ -1,6 +1,7 @@
 """SAM building blocks; parameter names equal the official checkpoints'."""
 
 from .config import (
+    LiteEncoderConfig,
     MaskDecoderConfig,
     PromptEncoderConfig,
     SamConfig,
@@ -16,6 +17,7 @@ from .transformer import TwoWayTransformer
 __all__ = [
     "ImageEncoderViT",
     "MaskDecoder",
+    "LiteEncoderConfig",
     "MaskDecoderConfig",
     "PromptEncoder",
     "PromptEncoderConfig",

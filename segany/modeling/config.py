@@ -40,6 +40,21 @@ class ViTEncoderConfig:
 
 
 @dataclass(frozen=True)
+class LiteEncoderConfig:
+    """segany-lite: EfficientNet-Lite backbone + fusion neck (see ``lite_encoder.py``)."""
+
+    backbone: str = "lite0"  #: EfficientNet-Lite variant: lite0, lite1 or lite2
+    img_size: int = 512  #: side of the square model input, in pixels
+    out_chans: int = 256  #: embedding channels (= prompt embedding dim)
+    neck_blocks: int = 2  #: ConvNeXt blocks after the fusion
+    kind: str = "efficientnet_lite"
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // 16
+
+
+@dataclass(frozen=True)
 class PromptEncoderConfig:
     """The prompt encoder."""
 
@@ -57,13 +72,14 @@ class MaskDecoderConfig:
     attention_downsample_rate: int = 2  #: cross-attention internal dim = dim / rate
     iou_head_depth: int = 3  #: layers of the IoU prediction MLP
     iou_head_hidden_dim: int = 256  #: hidden width of the IoU prediction MLP
+    use_high_res_features: bool = False  #: add encoder strides 4/8 in the upscaling path
 
 
 @dataclass(frozen=True)
 class SamConfig:
     """A whole model: image encoder + prompt encoder + mask decoder + input normalisation."""
 
-    image_encoder: ViTEncoderConfig = field(default_factory=ViTEncoderConfig)
+    image_encoder: ViTEncoderConfig | LiteEncoderConfig = field(default_factory=ViTEncoderConfig)
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  #: RGB, 0..255 scale
@@ -89,11 +105,16 @@ class SamConfig:
         try:
             enc = dict(data["image_encoder"])
             kind = enc.get("kind", "vit")
-            if kind != "vit":
+            encoder: ViTEncoderConfig | LiteEncoderConfig
+            if kind == "vit":
+                enc["global_attn_indexes"] = tuple(enc.get("global_attn_indexes", ()))
+                encoder = ViTEncoderConfig(**enc)
+            elif kind == "efficientnet_lite":
+                encoder = LiteEncoderConfig(**enc)
+            else:
                 raise ValueError(f"unknown image encoder kind {kind!r}")
-            enc["global_attn_indexes"] = tuple(enc.get("global_attn_indexes", ()))
             return cls(
-                image_encoder=ViTEncoderConfig(**enc),
+                image_encoder=encoder,
                 prompt_encoder=PromptEncoderConfig(**data.get("prompt_encoder", {})),
                 mask_decoder=MaskDecoderConfig(**data.get("mask_decoder", {})),
                 pixel_mean=tuple(data.get("pixel_mean", SamConfig.pixel_mean)),  # type: ignore[arg-type]
@@ -103,7 +124,17 @@ class SamConfig:
             raise ValueError(f"invalid model config: {exc}") from exc
 
 
-def build_image_encoder(cfg: ViTEncoderConfig) -> nn.Module:
+def build_image_encoder(cfg: ViTEncoderConfig | LiteEncoderConfig) -> nn.Module:
+    if isinstance(cfg, LiteEncoderConfig):
+        from .efficientnet import EfficientNetLite
+        from .lite_encoder import LiteImageEncoder
+
+        return LiteImageEncoder(
+            backbone=EfficientNetLite(cfg.backbone),
+            img_size=cfg.img_size,
+            out_chans=cfg.out_chans,
+            neck_blocks=cfg.neck_blocks,
+        )
     return ImageEncoderViT(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -147,6 +178,7 @@ def build_sam(config: SamConfig) -> Sam:
             num_multimask_outputs=dec.num_multimask_outputs,
             iou_head_depth=dec.iou_head_depth,
             iou_head_hidden_dim=dec.iou_head_hidden_dim,
+            use_high_res_features=dec.use_high_res_features,
         ),
         pixel_mean=config.pixel_mean,
         pixel_std=config.pixel_std,

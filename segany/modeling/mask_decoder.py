@@ -25,6 +25,7 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        use_high_res_features: bool = False,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -47,6 +48,9 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        # High-resolution encoder features added inside the upscaling path (as SAM 2 and
+        # SAM-HQ do) for sharper boundaries; off for the official SAM checkpoints.
+        self.use_high_res_features = use_high_res_features
 
     def forward(
         self,
@@ -55,13 +59,20 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        high_res_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``.
 
-        ``image_embeddings`` is ``1 x C x h x w`` (shared by all B prompts) or ``B x C x h x w``.
+        ``image_embeddings`` is ``1 x C x h x w`` (shared by all B prompts) or ``B x C x h x w``;
+        ``high_res_features`` (models with ``use_high_res_features``) are
+        ``[1|B x C/8 x 4h x 4w, 1|B x C/4 x 2h x 2w]``.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            high_res_features,
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
@@ -72,6 +83,7 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks and IoU predictions."""
         b = sparse_prompt_embeddings.shape[0]
@@ -96,7 +108,15 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)  # B x C/8 x 4h x 4w
+        if self.use_high_res_features:
+            if high_res_features is None:
+                raise ValueError("this mask decoder needs high_res_features from its encoder")
+            dc1, ln1, act1, dc2, act2 = self.output_upscaling
+            feat_s0, feat_s1 = high_res_features
+            upscaled = act1(ln1(dc1(src) + feat_s1))
+            upscaled = act2(dc2(upscaled) + feat_s0)  # B x C/8 x 4h x 4w
+        else:
+            upscaled = self.output_upscaling(src)  # B x C/8 x 4h x 4w
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,

@@ -49,6 +49,17 @@ class Sam(nn.Module):
         """Side of the square model input (the longest image side is resized to it)."""
         return int(self.image_encoder.img_size)
 
+    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Normalised padded images -> (embedding ``B x C x h x w``, high-res features or None).
+
+        ViT encoders return only the embedding; encoders made for decoders with
+        ``use_high_res_features`` also return ``[B x C/8 x 4h x 4w, B x C/4 x 2h x 2w]``.
+        """
+        out = self.image_encoder(x)
+        if isinstance(out, tuple):
+            return out[0], list(out[1])
+        return out, None
+
     @torch.no_grad()
     def forward(
         self, batched_input: list[dict[str, Any]], multimask_output: bool
@@ -60,9 +71,9 @@ class Sam(nn.Module):
         (B x 4), ``mask_inputs`` (B x 1 x 256 x 256).
         """
         images = torch.stack([self.preprocess(x["image"]) for x in batched_input], dim=0)
-        embeddings = self.image_encoder(images)
+        embeddings, high_res = self.encode_image(images)
         outputs = []
-        for record, emb in zip(batched_input, embeddings):
+        for i, (record, emb) in enumerate(zip(batched_input, embeddings)):
             points = None
             if "point_coords" in record:
                 points = (record["point_coords"], record["point_labels"])
@@ -75,6 +86,7 @@ class Sam(nn.Module):
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                high_res_features=None if high_res is None else [f[i : i + 1] for f in high_res],
             )
             masks = self.postprocess_masks(
                 low_res,

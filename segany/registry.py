@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .modeling.config import SamConfig, ViTEncoderConfig
+from .modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig, ViTEncoderConfig
 
 
 @dataclass(frozen=True)
@@ -81,4 +81,24 @@ register_model(
 register_model(
     _sam_vit("vit_h", 1280, 32, 16, (7, 15, 23, 31), "sam_vit_h_4b8939.pth", "SAM ViT-H (636M)"),
     aliases=("default",),
+)
+
+
+#: segany-lite: EfficientNet-Lite0 (ImageNet, frozen) + fusion neck + SAM prompt encoder and
+#: mask decoder with high-resolution features; 512 px input, 32 x 32 x 128 embedding. The
+#: decoder is SAM's at width 128 (not 256): 6x cheaper to train on 2 CPU cores (measured).
+SEGANY_LITE_CONFIG = SamConfig(
+    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=512, out_chans=128, neck_blocks=2),
+    mask_decoder=MaskDecoderConfig(
+        transformer_mlp_dim=1024, iou_head_hidden_dim=128, use_high_res_features=True
+    ),
+    pixel_mean=(127.0, 127.0, 127.0),
+    pixel_std=(128.0, 128.0, 128.0),
+)
+register_model(
+    ModelSpec(
+        "segany-lite",
+        SEGANY_LITE_CONFIG,
+        "segany's own offline model (Lite0)",
+    )
 )

@@ -126,11 +126,11 @@ class SamConfig:
 
 def build_image_encoder(cfg: ViTEncoderConfig | LiteEncoderConfig) -> nn.Module:
     if isinstance(cfg, LiteEncoderConfig):
-        from .efficientnet import EfficientNetLite
+        from .efficientnet import build_efficientnet_lite
         from .lite_encoder import LiteImageEncoder
 
         return LiteImageEncoder(
-            backbone=EfficientNetLite(cfg.backbone),
+            backbone=build_efficientnet_lite(cfg.backbone),
             img_size=cfg.img_size,
             out_chans=cfg.out_chans,
             neck_blocks=cfg.neck_blocks,

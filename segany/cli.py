@@ -1,0 +1,364 @@
+"""The ``segany`` command line: segment, auto, models, convert.
+
+Errors print one line on stderr and exit with status 1 (2 for usage errors); output files
+are written atomically, so a failed run leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("segany")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class CliError(Exception):
+    """An error reported as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------- argument parsing
+def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{what} must be comma-separated numbers, got {text!r}"
+        ) from None
+    if len(values) not in n or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected {what.upper()} format")
+    return values
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """``X,Y`` or ``X,Y,LABEL`` (LABEL 1 = positive, 0 = negative)."""
+    v = _floats(text, (2, 3), "point")
+    label = 1 if len(v) == 2 else v[2]
+    if label not in (0, 1):
+        raise argparse.ArgumentTypeError(f"point {text!r}: label must be 1 or 0")
+    return v[0], v[1], int(label)
+
+
+def parse_box(text: str) -> list[float]:
+    """``X0,Y0,X1,Y1``."""
+    return _floats(text, (4,), "box")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="registered model name (see `segany models`)")
+    g.add_argument("--checkpoint", help="weights file: official SAM .pth or .safetensors")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse images with more pixels than this (default: segany.images limit)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segany", description="Segment Anything")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "segment",
+        help="segment one object (or one per box) from clicks and/or boxes",
+        description="Writes the best mask as a 0/255 PNG of the image's size. With several "
+        "--box options each box is its own object and OUT is a label map (object k = k).",
+    )
+    s.add_argument("image")
+    s.add_argument(
+        "--point",
+        action="append",
+        type=parse_point,
+        default=[],
+        metavar="X,Y[,L]",
+        help="click in pixels; label 1 positive (default) or 0 negative; repeatable",
+    )
+    s.add_argument(
+        "--box",
+        action="append",
+        type=parse_box,
+        default=[],
+        metavar="X0,Y0,X1,Y1",
+        help="box in pixels; repeat for several objects",
+    )
+    s.add_argument("-o", "--output", required=True, help="output mask PNG")
+    s.add_argument(
+        "--all-masks", action="store_true", help="also write every candidate as OUT_STEM.K.png"
+    )
+    s.add_argument(
+        "--single-mask",
+        action="store_true",
+        help="ask for one mask instead of 3 candidates (good for unambiguous prompts)",
+    )
+    s.add_argument("--overlay", help="write an overlay PNG of the mask(s) and prompts")
+    s.add_argument("--json", help="write scores, areas and boxes of the candidates as JSON")
+    _model_args(s)
+
+    a = sub.add_parser(
+        "auto",
+        help="segment everything in an image or a folder of images",
+        description="Writes OUT/annotations.json (COCO) and an overlay PNG per image.",
+    )
+    a.add_argument("input", help="image file or folder")
+    a.add_argument("-o", "--output", required=True, help="output folder (created)")
+    a.add_argument("--points-per-side", type=int, default=32)
+    a.add_argument("--points-per-batch", type=int, default=64)
+    a.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    a.add_argument("--stability-score-thresh", type=float, default=0.95)
+    a.add_argument("--box-nms-thresh", type=float, default=0.7)
+    a.add_argument("--crop-n-layers", type=int, default=0)
+    a.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
+    a.add_argument("--min-mask-region-area", type=int, default=0)
+    a.add_argument(
+        "--polygons", action="store_true", help="COCO polygons (holes kept) instead of RLE"
+    )
+    a.add_argument(
+        "--label-map",
+        action="store_true",
+        help="also write a label-map PNG per image (non-overlapping)",
+    )
+    a.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
+    _model_args(a)
+
+    sub.add_parser("models", help="list the registered model variants")
+
+    c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (strictly checked)")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--model", help="variant name (default: inferred from the file)")
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+def _load_model(args: argparse.Namespace) -> Any:
+    from .build import build_model
+
+    return build_model(args.model, args.checkpoint, device=args.device)
+
+
+def _load_image(path: str, args: argparse.Namespace) -> np.ndarray:
+    from .images import DEFAULT_MAX_PIXELS, load_image
+
+    limit = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
+    return load_image(path, max_pixels=limit)
+
+
+def _check_output_dir(path: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"output folder does not exist: {parent}")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from . import masks as M
+    from .predictor import Predictor
+
+    if not args.point and not args.box:
+        raise CliError("give at least one --point or --box")
+    if args.point and len(args.box) > 1:
+        raise CliError("--point cannot be combined with several --box (one object per box)")
+    for out in (args.output, args.overlay, args.json):
+        if out:
+            _check_output_dir(out)
+    image = _load_image(args.image, args)
+    predictor = Predictor(_load_model(args))
+    predictor.set_image(image)
+    coords = np.array([p[:2] for p in args.point], dtype=np.float64) if args.point else None
+    labels = np.array([p[2] for p in args.point], dtype=np.int64) if args.point else None
+    multimask = not args.single_mask
+    if len(args.box) > 1:
+        masks, scores, _ = predictor.predict_batch(
+            boxes=np.array(args.box), multimask_output=multimask
+        )
+        best = scores.argmax(axis=1)
+        chosen = [masks[i, best[i]] for i in range(len(masks))]
+        candidates = [list(zip(masks[i], scores[i])) for i in range(len(masks))]
+        primary = M.label_map(chosen)
+        writer = lambda: M.save_label_map_png(args.output, primary)  # noqa: E731
+    else:
+        box = np.array(args.box[0]) if args.box else None
+        m, s, _ = predictor.predict(coords, labels, box, multimask_output=multimask)
+        best = np.array([int(np.argmax(s))])
+        chosen = [m[best[0]]]
+        candidates = [list(zip(m, s))]
+        writer = lambda: M.save_mask_png(args.output, chosen[0])  # noqa: E731
+    writer()
+    stem = Path(args.output)
+    report: dict[str, Any] = {
+        "image": str(args.image),
+        "size": list(image.shape[:2]),
+        "objects": [],
+    }
+    for obj, cands in enumerate(candidates):
+        entries = []
+        for k, (mask, score) in enumerate(cands):
+            entry: dict[str, Any] = {
+                "index": k,
+                "score": float(score),
+                "area": int(mask.sum()),
+                "bbox": _bbox(mask),
+            }
+            if args.all_masks:
+                suffix = f".{k}" if len(candidates) == 1 else f".obj{obj + 1}.{k}"
+                path = stem.with_name(stem.stem + suffix + ".png")
+                M.save_mask_png(path, mask)
+                entry["file"] = str(path)
+            entries.append(entry)
+        report["objects"].append({"best": int(best[obj]), "candidates": entries})
+    if args.overlay:
+        M.save_overlay_png(
+            args.overlay,
+            image,
+            chosen,
+            points=coords,
+            point_labels=labels,
+            boxes=np.array(args.box) if args.box else None,
+        )
+    if args.json:
+        with M.atomic_write(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    best_scores = ", ".join(f"{c[b][1]:.3f}" for c, b in zip(candidates, best))
+    print(f"wrote {args.output} (predicted IoU {best_scores})")
+    return 0
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0, 0, 0, 0]
+    return [
+        int(xs.min()),
+        int(ys.min()),
+        int(xs.max() - xs.min() + 1),
+        int(ys.max() - ys.min() + 1),
+    ]
+
+
+def _list_images(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CliError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {path}")
+        return files
+    if not path.exists():
+        raise CliError(f"input not found: {path}")
+    return [path]
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import masks as M
+    from .automatic import AutomaticMaskGenerator
+    from .images import ImageLoadError
+
+    files = _list_images(Path(args.input))
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = AutomaticMaskGenerator(
+        _load_model(args),
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+        min_mask_region_area=args.min_mask_region_area,
+        output_mode="coco_rle",
+    )
+    images, annotations, failed = [], [], []
+    bar = tqdm(files, desc="segment everything", unit="img", disable=len(files) == 1)
+    for idx, path in enumerate(bar):
+        try:
+            image = _load_image(str(path), args)
+        except ImageLoadError as exc:
+            failed.append(str(exc))
+            tqdm.write(f"segany: skipped: {exc}", file=sys.stderr)
+            continue
+        records = generator.generate(image)
+        h, w = image.shape[:2]
+        images.append({"id": idx + 1, "file_name": path.name, "height": h, "width": w})
+        annotations.append(records)
+        decoded = None
+        if not args.no_overlay or args.label_map:
+            from .masks import decode_rle
+
+            decoded = [decode_rle(r["segmentation"]) for r in records]
+        if not args.no_overlay:
+            M.save_overlay_png(out_dir / f"{path.stem}_overlay.png", image, decoded)
+        if args.label_map:
+            scores = [r["predicted_iou"] for r in records]
+            M.save_label_map_png(
+                out_dir / f"{path.stem}_labels.png", M.label_map(decoded, scores=scores)
+            )
+        bar.set_postfix(masks=len(records))
+    data = M.coco_json(images, annotations, mode="polygon" if args.polygons else "rle")
+    M.save_coco_json(out_dir / "annotations.json", data)
+    n = sum(len(a) for a in annotations)
+    print(f"wrote {out_dir / 'annotations.json'}: {n} masks in {len(images)} image(s)")
+    if failed:
+        raise CliError(f"{len(failed)} of {len(files)} images could not be read (see above)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .registry import list_models
+
+    for spec in list_models():
+        file = spec.checkpoint_file or "bundled"
+        print(f"{spec.name:<12} {spec.description:<28} {file}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .build import build_model
+    from .checkpoint import save_safetensors
+
+    _check_output_dir(args.output)
+    if Path(args.output).suffix != ".safetensors":
+        raise CliError(f"output must end in .safetensors: {args.output}")
+    model = build_model(args.model, args.input)
+    save_safetensors(model, args.output, config=model.config)
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "auto": cmd_auto, "models": cmd_models, "convert": cmd_convert}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("segany: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, OSError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"segany: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -41,12 +41,15 @@ def _list(keys: list[str], limit: int = 8) -> str:
 def _file_kind(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header. Checked first:
+    # the length itself may start with b"\x80" or b"PK" (a 0x5680- or 0x14B50-byte header).
+    # Torch files never have "{" there (zip: compression method; legacy: the magic number).
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
     if head[:2] == b"PK":
         return "torch-zip"
     if head[:1] == b"\x80":
         return "torch-legacy"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
     return "unknown"
 
 
@@ -231,6 +234,9 @@ def save_safetensors(
     from safetensors.torch import save_file
 
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"cannot save {path}: non-tensor values for keys {_list(bad)}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     metadata = {"format": "pt"}
     if config is not None:

@@ -293,11 +293,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         h, w = image.shape[:2]
         images.append({"id": idx + 1, "file_name": path.name, "height": h, "width": w})
         annotations.append(records)
-        decoded = None
-        if not args.no_overlay or args.label_map:
-            from .masks import decode_rle
-
-            decoded = [decode_rle(r["segmentation"]) for r in records]
+        decoded = [M.decode_rle(r["segmentation"]) for r in records]
         if not args.no_overlay:
             M.save_overlay_png(out_dir / f"{path.stem}_overlay.png", image, decoded)
         if args.label_map:

@@ -43,7 +43,10 @@ class Predictor:
         self.is_image_set = False
         self.features: torch.Tensor | None = None
         self.high_res_features: list[torch.Tensor] | None = None
-        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+        self.orig_h: int | None = None
+        self.orig_w: int | None = None
+        self.input_h: int | None = None
+        self.input_w: int | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
 
@@ -308,6 +311,10 @@ class Predictor:
             mask_t = torch.as_tensor(m, dtype=torch.float, device=self.device)
             batch.append(("mask_input", m.shape[0]))
         sizes = {n for _, n in batch}
+        if 0 in sizes:
+            raise ValueError(
+                "empty prompt batch: " + ", ".join(f"{k}={n}" for k, n in batch) + " objects"
+            )
         if len(sizes) > 1:
             raise ValueError(
                 "prompt batch sizes differ: " + ", ".join(f"{k}={n}" for k, n in batch)
@@ -332,9 +339,11 @@ class Predictor:
         """
         self._require_image()
         assert self.features is not None and self.input_size and self.original_size
-        points = (point_coords, point_labels) if point_coords is not None else None
-        if points is not None and point_labels is None:
-            raise ValueError("point_labels must be supplied with point_coords")
+        points = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied with point_coords")
+            points = (point_coords, point_labels)
         low_res, iou = self.decode_low_res(points, boxes, mask_input, multimask_output)
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
@@ -366,9 +375,7 @@ class Predictor:
         )
 
 
-def _check_finite(
-
-a: np.ndarray, name: str) -> None:
+def _check_finite(a: np.ndarray, name: str) -> None:
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -382,12 +389,21 @@ def _pad_points(coords: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     ):
         c = np.asarray(coords, dtype=np.float64)
         lab = np.asarray(labels)
-        c_list = [c] if c.ndim == 2 else list(c)
-        l_list = [lab] if lab.ndim == 1 else list(lab)
         if c.ndim not in (2, 3):
             raise ValueError(f"point_coords must be N x 2 or B x N x 2, got shape {c.shape}")
+        if lab.ndim != c.ndim - 1:
+            raise ValueError(
+                f"point_labels must be N (or B x N) for point_coords of shape {c.shape}, "
+                f"got shape {lab.shape}"
+            )
+        c_list = [c] if c.ndim == 2 else list(c)
+        l_list = [lab] if lab.ndim == 1 else list(lab)
     else:
         c_list = [np.asarray(c, dtype=np.float64) for c in coords]
+        if not isinstance(labels, (list, tuple, np.ndarray)) or (
+            len(labels) and np.ndim(labels[0]) == 0
+        ):
+            raise ValueError("point_labels must hold one label array per point set")
         l_list = [np.asarray(lab) for lab in labels]
     if len(c_list) != len(l_list):
         raise ValueError(f"{len(c_list)} point sets but {len(l_list)} label sets")

@@ -16,8 +16,8 @@ from .transformer import TwoWayTransformer
 
 __all__ = [
     "ImageEncoderViT",
-    "MaskDecoder",
     "LiteEncoderConfig",
+    "MaskDecoder",
     "MaskDecoderConfig",
     "PromptEncoder",
     "PromptEncoderConfig",

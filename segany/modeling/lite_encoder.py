@@ -72,7 +72,7 @@ class LiteImageEncoder(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.backbone = backbone
-        c4, c8, c16, c32 = backbone.feature_channels
+        c4, c8, c16, c32 = backbone.feature_channels  # type: ignore[misc]
         self.neck = FusionNeck((c8, c16, c32), out_chans, neck_blocks)
         self.conv_s0 = nn.Conv2d(c4, out_chans // 8, kernel_size=1)
         self.conv_s1 = nn.Conv2d(c8, out_chans // 4, kernel_size=1)

@@ -62,16 +62,21 @@ class PromptEncoder(nn.Module):
         labels = labels[..., None]
         emb = torch.where(labels == -1, torch.zeros_like(emb), emb)
         emb = emb + (labels == -1) * self.not_a_point_embed.weight
-        emb = emb + (labels == 0) * self.point_embeddings[0].weight
-        emb = emb + (labels == 1) * self.point_embeddings[1].weight
+        emb = emb + (labels == 0) * self._point_weight(0)
+        emb = emb + (labels == 1) * self._point_weight(1)
         return emb
+
+    def _point_weight(self, i: int) -> torch.Tensor:
+        """``1 x embed_dim`` weight of point embedding ``i`` (0 neg, 1 pos, 2/3 box corners)."""
+        emb: nn.Embedding = self.point_embeddings[i]  # type: ignore[assignment]
+        return emb.weight
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         boxes = boxes + 0.5
         corners = boxes.reshape(-1, 2, 2)
         emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
         corner_embed = torch.stack(
-            [self.point_embeddings[2].weight[0], self.point_embeddings[3].weight[0]]
+            [self._point_weight(2)[0], self._point_weight(3)[0]]
         )
         return emb + corner_embed
 
@@ -92,9 +97,6 @@ class PromptEncoder(nn.Module):
             return masks.shape[0]
         return 1
 
-    def _device(self) -> torch.device:
-        return self.point_embeddings[0].weight.device
-
     def forward(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None,
@@ -103,7 +105,7 @@ class PromptEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns sparse ``B x T x embed_dim`` and dense ``B x embed_dim x h x w`` embeddings."""
         bs = self._batch_size(points, boxes, masks)
-        weight = self.point_embeddings[0].weight
+        weight = self._point_weight(0)
         parts = [weight.new_empty((bs, 0, self.embed_dim))]
         if points is not None:
             coords, labels = points

@@ -20,6 +20,8 @@ class Sam(nn.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    config: Any = None  #: the SamConfig it was built from (set by ``build_sam``)
+    image_encoder: Any  # ViT or lite encoder: both expose ``img_size``
 
     def __init__(
         self,

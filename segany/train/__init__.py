@@ -1,0 +1,1 @@
+"""Training and fine-tuning: feature caches, prompt simulation, losses, the trainer."""

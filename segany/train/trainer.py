@@ -1,0 +1,421 @@
+"""Training segany models on cached frozen-encoder features (the SAM recipe, sized for CPUs).
+
+One step: a few cached images, several masks each; the trainable neck runs once per image,
+the prompt encoder + mask decoder once per prompt and click round. Round 0 is a point (best of
+3 candidate masks is trained), a noisy box or a rough mask; then corrective clicks sampled
+from the error of the previous prediction, with the previous low-res logits fed back, for a
+random number of rounds run without gradient; round 0 and the last round carry the loss
+(focal + dice 20:1 and MSE on the IoU head). AdamW with linear warm-up and cosine decay, bf16
+autocast, gradient accumulation, checkpoints that resume exactly, a log of loss and
+validation figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..modeling.config import SamConfig
+from ..modeling.sam import Sam
+from .cache import FeatureCache
+from .losses import mask_iou, sam_loss
+from .prompts import corrective_click, initial_click, noisy_box, noisy_mask_logits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; saved in checkpoints and loadable from JSON."""
+
+    cache_dir: str = "artifacts/cache"
+    out_dir: str = "artifacts/run"
+    steps: int = 3000
+    images_per_step: int = 4
+    masks_per_image: int = 8
+    grad_accum: int = 1
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 150
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    max_click_rounds: int = 8  #: extra rounds after round 0 (uniform 0..max, no grad but last)
+    prompt_probs: tuple[float, float, float] = (0.55, 0.3, 0.15)  #: point, box, rough mask
+    center_click_prob: float = 0.5  #: innermost-error clicks vs uniform error clicks
+    min_mask_pixels: int = 16  #: masks smaller than this (at the mask frame) are not sampled
+    hflip_prob: float = 0.5
+    bf16: bool = True
+    seed: int = 0
+    val_fraction: float = 0.05  #: images held out of the cache for validation
+    val_masks: int = 60
+    val_every: int = 250
+    log_every: int = 20
+    checkpoint_every: int = 100
+    threads: int = 0  #: torch threads (0: leave as is)
+    init_from: str | None = None  #: weights to start from (e.g. the shipped model)
+    model: dict[str, Any] = field(default_factory=dict)  #: SamConfig as a dict
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        with open(path) as fh:
+            data = json.load(fh)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+        if "prompt_probs" in data:
+            data["prompt_probs"] = tuple(data["prompt_probs"])
+        return cls(**data)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation split of image indices."""
+    rng = np.random.default_rng(seed + 12345)
+    perm = rng.permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class Trainer:
+    """Trains the neck, prompt encoder and mask decoder of ``model`` on a feature cache."""
+
+    def __init__(self, model: Sam, config: TrainConfig, cache: FeatureCache) -> None:
+        self.model = model
+        self.cfg = config
+        self.cache = cache
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        enc = model.image_encoder
+        if not hasattr(enc, "forward_features"):
+            raise ValueError("cached-feature training needs an encoder with forward_features")
+        for p in enc.backbone.parameters():
+            p.requires_grad_(False)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self.rng = np.random.default_rng(config.seed)
+        self.train_idx, self.val_idx = split_indices(len(cache), config.val_fraction, config.seed)
+        self.usable = self._usable_masks()
+        self.log_path = self.out / "log.jsonl"
+
+    # ---------------------------------------------------------------- data
+    def _usable_masks(self) -> dict[int, list[int]]:
+        """Per image, the masks big enough to sample (mask areas read once from the cache)."""
+        usable: dict[int, list[int]] = {}
+        bits = self.cache.mask_bits
+        counts = np.unpackbits(bits, axis=-1).reshape(len(bits), -1).sum(1)
+        for i, rec in enumerate(self.cache.images):
+            ids = range(rec["first_mask"], rec["first_mask"] + rec["n_masks"])
+            good = [m for m in ids if counts[m] >= self.cfg.min_mask_pixels]
+            if good:
+                usable[i] = good
+        return usable
+
+    def _sample_batch(self, pool: np.ndarray) -> tuple[list[int], list[list[int]], list[bool]]:
+        pool = np.array([i for i in pool if int(i) in self.usable])
+        imgs = [int(i) for i in self.rng.choice(pool, self.cfg.images_per_step, replace=False)]
+        flips = [bool(self.rng.random() < self.cfg.hflip_prob) for _ in imgs]
+        mask_ids = []
+        for i in imgs:
+            cand = self.usable[i]
+            replace = len(cand) < self.cfg.masks_per_image
+            pick = self.rng.choice(len(cand), self.cfg.masks_per_image, replace=replace)
+            mask_ids.append([cand[int(k)] for k in pick])
+        return imgs, mask_ids, flips
+
+    def _load(self, imgs: list[int], mask_ids: list[list[int]], flips: list[bool]):
+        feats = self.cache.features(imgs)
+        gts = []
+        for b, (i, ids) in enumerate(zip(imgs, mask_ids)):
+            h, w = self.cache.images[i]["input_hw"]
+            for m in ids:
+                g = self.cache.mask(m)
+                if flips[b]:
+                    vw = max(1, round(w / 2))
+                    g[:, :vw] = g[:, :vw][:, ::-1]
+                gts.append(g)
+            if flips[b]:
+                for f, s in zip(feats, self.cache.strides):
+                    vw = max(1, math.ceil(w / s))
+                    f[b, :, :, :vw] = f[b, :, :, :vw].flip(-1)
+        valid = []
+        for i, ids in zip(imgs, mask_ids):
+            h, w = self.cache.images[i]["input_hw"]
+            v = np.zeros((self.cache.mask_size,) * 2, dtype=bool)
+            v[: max(1, round(h / 2)), : max(1, round(w / 2))] = True
+            valid.extend([v] * len(ids))
+        return feats, np.stack(gts), np.stack(valid)
+
+    # ---------------------------------------------------------------- model pieces
+    def _embed(self, feats: list[torch.Tensor], per_image: int):
+        emb, hr = self.model.image_encoder.forward_features(feats)
+        rep = lambda t: t.repeat_interleave(per_image, dim=0)  # noqa: E731
+        return rep(emb), [rep(h) for h in hr]
+
+    def _decode(self, emb, hr, points, boxes, mask_in, multimask: bool):
+        pe = self.model.prompt_encoder
+        sparse, dense = pe(points=points, boxes=boxes, masks=mask_in)
+        return self.model.mask_decoder(
+            image_embeddings=emb,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            high_res_features=hr,
+        )
+
+    def _frame_scale(self) -> float:
+        """Model input pixels per mask-frame pixel."""
+        return self.model.img_size / self.cache.mask_size
+
+    def _to_input(self, xy: np.ndarray) -> np.ndarray:
+        """Mask-frame pixel centres -> model input coordinates (as the predictor passes them)."""
+        s = self._frame_scale()
+        return xy * s + (s - 1) / 2
+
+    def _upsample(self, low: torch.Tensor) -> torch.Tensor:
+        size = self.cache.mask_size
+        return F.interpolate(low.float(), (size, size), mode="bilinear", align_corners=False)
+
+    # ---------------------------------------------------------------- one step
+    def _rollout(
+        self,
+        emb,
+        hr,
+        gts: np.ndarray,
+        valid: np.ndarray,
+        n_rounds: int,
+        train: bool,
+        kind: str | None = None,
+        center_prob: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float], list[float]]:
+        """Round 0 + ``n_rounds`` corrective rounds; loss on round 0 and the last round."""
+        cfg = self.cfg
+        n = len(gts)
+        cp = cfg.center_click_prob if center_prob is None else center_prob
+        if kind is None:
+            kind = str(self.rng.choice(["point", "box", "mask"], p=list(cfg.prompt_probs)))
+        targets = torch.from_numpy(gts.astype(np.float32))
+        clicks: list[list[tuple[float, float, int]]] = [[] for _ in range(n)]
+        boxes = mask_in = None
+        if kind == "point":
+            for j in range(n):
+                c = initial_click(gts[j], self.rng, cp)
+                clicks[j].append((c.x, c.y, 1))
+        elif kind == "box":
+            b = np.stack([noisy_box(g, self.rng) for g in gts])
+            s = self._frame_scale()
+            boxes = torch.as_tensor(b * s + (s - 1) / 2, dtype=torch.float)
+        else:
+            low = self.model.prompt_encoder.mask_input_size
+            mask_in = torch.from_numpy(
+                np.stack([noisy_mask_logits(g, self.rng, low) for g in gts])[:, None]
+            )
+        total = torch.zeros(())
+        stats: dict[str, float] = {}
+        ious: list[float] = []
+        prev_low = None
+        for r in range(n_rounds + 1):
+            points = self._points(clicks, pad=boxes is None)
+            multimask = kind == "point" and r == 0
+            with_grad = train and (r == 0 or r == n_rounds)
+            with (
+                torch.set_grad_enabled(with_grad),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16),
+            ):
+                low, iou_pred = self._decode(emb, hr, points, boxes, mask_in, multimask)
+                logits = self._upsample(low)
+                if with_grad:
+                    loss, st = sam_loss(logits, iou_pred, targets, best_of_candidates=multimask)
+                    total = total + loss
+                    for k, v in st.items():
+                        stats[f"r{0 if r == 0 else 'last'}_{k}"] = v
+            with torch.no_grad():
+                best = iou_pred.float().argmax(1) if multimask else torch.zeros(n, dtype=torch.long)
+                rows = torch.arange(n)
+                prev_low = low[rows, best].detach().float()[:, None]
+                chosen = logits[rows, best].detach()
+                ious.append(float(mask_iou(chosen, targets).mean()))
+                if r == n_rounds:
+                    break
+                pred = (chosen > 0).numpy()
+                for j in range(n):
+                    nxt = corrective_click(gts[j], pred[j], self.rng, cp, valid[j])
+                    if nxt is None:  # perfect: click again on the object centre (harmless)
+                        nxt = initial_click(gts[j], self.rng, 1.0)
+                    clicks[j].append((nxt.x, nxt.y, int(nxt.positive)))
+                mask_in = prev_low
+        return total, stats, ious
+
+    def _points(self, clicks, pad: bool):
+        if not clicks[0]:
+            return None
+        xy = np.array([[c[:2] for c in cl] for cl in clicks], dtype=np.float64)
+        lab = np.array([[c[2] for c in cl] for cl in clicks], dtype=np.int64)
+        coords = torch.as_tensor(self._to_input(xy), dtype=torch.float)
+        return coords, torch.as_tensor(lab, dtype=torch.int)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        self.model.image_encoder.backbone.eval()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            imgs, mask_ids, flips = self._sample_batch(self.train_idx)
+            feats, gts, valid = self._load(imgs, mask_ids, flips)
+            n_rounds = int(self.rng.integers(0, cfg.max_click_rounds + 1))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                emb, hr = self._embed(feats, cfg.masks_per_image)
+            loss, stats, _ = self._rollout(emb, hr, gts, valid, n_rounds, train=True)
+            (loss / cfg.grad_accum).backward()
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        agg["grad_norm"] = float(grad_norm)
+        agg["lr"] = self.lr_at(self.step - 1)
+        return agg
+
+    @torch.no_grad()
+    def validate(self, n_clicks: int = 5) -> dict[str, float]:
+        """Held-out images, evaluation-protocol clicks (innermost error point), no flips."""
+        self.model.eval()
+        state = self.rng.bit_generator.state
+        self.rng = np.random.default_rng(999)
+        curves, box_ious = [], []
+        pool = [int(i) for i in self.val_idx if int(i) in self.usable]
+        per_img = max(1, math.ceil(self.cfg.val_masks / max(1, len(pool))))
+        for i in pool:
+            ids = self.usable[i][:per_img]
+            feats, gts, valid = self._load([i], [ids], [False])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                emb, hr = self._embed(feats, len(ids))
+            _, _, ious = self._rollout(
+                emb, hr, gts, valid, n_clicks - 1, train=False, kind="point", center_prob=1.0
+            )
+            curves.append(ious)
+            _, _, bious = self._rollout(emb, hr, gts, valid, 0, train=False, kind="box")
+            box_ious.append(bious[0])
+            if (
+                sum(len(self.usable[k][:per_img]) for k in pool[: len(curves)])
+                >= self.cfg.val_masks
+            ):
+                break
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state
+        arr = np.array(curves)
+        out = {f"val_miou@{k + 1}": float(arr[:, k].mean()) for k in range(arr.shape[1])}
+        out["val_box_miou"] = float(np.mean(box_ious))
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {
+            k: v
+            for k, v in self.model.state_dict().items()
+            if not k.startswith("image_encoder.backbone.")
+        }
+
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        path = path or self.out / "checkpoint.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(
+            {
+                "step": self.step,
+                "model": self.trainable_state(),
+                "optimizer": self.opt.state_dict(),
+                "rng": self.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "config": dataclasses.asdict(self.cfg),
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
+        bad = [k for k in missing if not k.startswith("image_encoder.backbone.")]
+        if bad or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: {bad} {unexpected}")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def fit(self, progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        ckpt = self.out / "checkpoint.pt"
+        if ckpt.exists():
+            self.load_checkpoint(ckpt)
+            logger.info("resumed from %s at step %d", ckpt, self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not progress)
+        window: list[dict[str, float]] = []
+        t0 = time.time()
+        while self.step < cfg.steps:
+            stats = self.train_step()
+            window.append(stats)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+                mean.update(step=self.step, seconds=time.time() - t0)
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    mean.update(self.validate())
+                with open(self.log_path, "a") as fh:
+                    fh.write(json.dumps(mean) + "\n")
+                bar.set_postfix(
+                    loss=f"{mean['r0_loss']:.3f}",
+                    iou=f"{mean.get('rlast_iou', mean['r0_iou']):.3f}",
+                )
+                window = []
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+
+
+def build_training_model(config: TrainConfig) -> Sam:
+    """The model to train: pretrained backbone, fresh (or ``init_from``) neck and decoder."""
+    from ..modeling.config import LiteEncoderConfig, build_sam
+    from ..modeling.efficientnet import load_pretrained_backbone
+
+    sam_cfg = SamConfig.from_dict(config.model) if config.model else None
+    if sam_cfg is None:
+        raise ValueError("the training config needs a 'model' section (a SamConfig dict)")
+    torch.manual_seed(config.seed)
+    model = build_sam(sam_cfg)
+    enc_cfg = sam_cfg.image_encoder
+    if isinstance(enc_cfg, LiteEncoderConfig):
+        pretrained = load_pretrained_backbone(enc_cfg.backbone)
+        model.image_encoder.backbone.load_state_dict(pretrained.state_dict())
+    if config.init_from:
+        from ..checkpoint import load_state_dict_strict, read_state_dict
+
+        state, _ = read_state_dict(config.init_from)
+        load_state_dict_strict(model, state, config.init_from)
+    return model

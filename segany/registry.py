@@ -88,7 +88,7 @@ register_model(
 #: mask decoder with high-resolution features; 512 px input, 32 x 32 x 128 embedding. The
 #: decoder is SAM's at width 128 (not 256): 6x cheaper to train on 2 CPU cores (measured).
 SEGANY_LITE_CONFIG = SamConfig(
-    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=512, out_chans=128, neck_blocks=2),
+    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=512, out_chans=128, neck_blocks=4),
     mask_decoder=MaskDecoderConfig(
         transformer_mlp_dim=1024, iou_head_hidden_dim=128, use_high_res_features=True
     ),

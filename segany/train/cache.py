@@ -54,6 +54,14 @@ def read_manifest_groups(
     return [ImageRecord(img, masks, name, img.stem) for img, masks in groups.items()]
 
 
+def records_from_datasets(roots: list[Any]) -> list[ImageRecord]:
+    """Image records of every manifest folder in ``roots`` (paths relative to the cwd)."""
+    records: list[ImageRecord] = []
+    for root in roots:
+        records += read_manifest_groups(root)
+    return records
+
+
 class FeatureCache:
     """Read access to a cache folder (features as float32 tensors, masks as bool arrays)."""
 

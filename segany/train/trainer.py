@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 0  #: torch threads (0: leave as is)
     init_from: str | None = None  #: weights to start from (e.g. the shipped model)
+    data: list[Any] = field(default_factory=list)  #: dataset roots used to build the cache
     model: dict[str, Any] = field(default_factory=dict)  #: SamConfig as a dict
 
     @classmethod
@@ -367,10 +368,23 @@ class Trainer:
         self.rng.bit_generator.state = ckpt["rng"]
         torch.set_rng_state(ckpt["torch_rng"])
 
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the whole model (backbone included) as ``.safetensors`` with its config, so
+        ``segany.build_model(checkpoint=path)`` loads it strictly."""
+        from ..checkpoint import save_safetensors
+
+        out = Path(path)
+        save_safetensors(
+            self.model, out, config=self.model.config, extra_metadata={"train_step": str(self.step)}
+        )
+        return out
+
     def fit(self, progress: bool = True) -> None:
         from tqdm import tqdm
 
         cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         ckpt = self.out / "checkpoint.pt"
         if ckpt.exists():
             self.load_checkpoint(ckpt)

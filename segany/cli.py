@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="training config JSON (see configs/segany_lite.json)")
     t.add_argument("--steps", type=int, help="override the number of steps")
     t.add_argument("--out-dir", help="override the run folder")
+    t.add_argument(
+        "--stop-at",
+        type=int,
+        help="stop this session at that step with a checkpoint (rerun the command to resume)",
+    )
     t.add_argument("--cache-dir", help="override the feature cache folder")
     t.add_argument("--no-progress", action="store_true")
 
@@ -382,7 +387,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     trainer = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
-    trainer.fit(progress=not args.no_progress)
+    trainer.fit(progress=not args.no_progress, stop_at=args.stop_at)
+    if trainer.step < cfg.steps:
+        print(f"stopped at step {trainer.step} of {cfg.steps}; run again to resume")
+        return 0
     out = trainer.export(Path(cfg.out_dir) / "model.safetensors")
     print(f"wrote {out} (step {trainer.step})")
     return 0

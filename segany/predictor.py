@@ -226,14 +226,28 @@ class Predictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for B objects in one decoder pass.
+        """Masks for B objects, decoded together.
 
-        ``point_coords`` is ``B x N x 2`` or a list of B arrays ``N_i x 2`` (padded with
-        label -1), ``point_labels`` likewise, ``boxes`` ``B x 4``, ``mask_input``
-        ``B x 1 x 256 x 256``. Any of them may be None. Returns ``B x C x H x W`` masks,
-        ``B x C`` IoU predictions and ``B x C x 256 x 256`` low-res logits.
+        ``point_coords`` is ``B x N x 2`` or a list of B arrays ``N_i x 2``, ``point_labels``
+        likewise, ``boxes`` ``B x 4``, ``mask_input`` ``B x 1 x 256 x 256``; any may be None.
+        Point sets of different sizes are decoded in groups of equal size, so every object
+        gets exactly the result of its own ``predict`` call (padding them with label -1
+        points, as a ``B x N x 2`` array with -1 labels does, adds decoder tokens that change
+        the masks, as in the reference). Returns ``B x C x H x W`` masks, ``B x C`` IoU
+        predictions and ``B x C x 256 x 256`` low-res logits.
         """
         self._require_image()
+        groups = _ragged_groups(point_coords)
+        if groups is not None and len(groups) > 1:
+            return self._predict_groups(
+                groups,
+                point_coords,
+                point_labels,
+                boxes,
+                mask_input,
+                multimask_output,
+                return_logits,
+            )
         coords_t, labels_t, box_t, mask_t = self._prepare_prompts(
             point_coords, point_labels, boxes, mask_input
         )
@@ -245,6 +259,40 @@ class Predictor:
             iou.detach().float().cpu().numpy(),
             low.detach().float().cpu().numpy(),
         )
+
+    def _predict_groups(
+        self,
+        groups: list[list[int]],
+        point_coords: Any,
+        point_labels: Any,
+        boxes: Any,
+        mask_input: Any,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if point_labels is None:
+            raise ValueError("point_coords and point_labels must be given together")
+        _pad_points(point_coords, point_labels)  # validates shapes and labels, one message each
+        n = len(point_coords)
+        box_arr = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        mask_arr = None if mask_input is None else np.asarray(mask_input, dtype=np.float32)
+        for name, arr in (("boxes", box_arr), ("mask_input", mask_arr)):
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"prompt batch sizes differ: points={n}, {name}={len(arr)}")
+        outputs: list[Any] = [None] * n
+        for idx in groups:
+            res = self.predict_batch(
+                np.stack([np.asarray(point_coords[i], dtype=np.float64) for i in idx]),
+                np.stack([np.asarray(point_labels[i]) for i in idx]),
+                None if box_arr is None else box_arr[idx],
+                None if mask_arr is None else mask_arr[idx],
+                multimask_output,
+                return_logits,
+            )
+            for j, i in enumerate(idx):
+                outputs[i] = tuple(r[j] for r in res)
+        masks, ious, lows = (np.stack([o[k] for o in outputs]) for k in range(3))
+        return masks, ious, lows
 
     def _prepare_prompts(
         self,
@@ -373,6 +421,21 @@ class Predictor:
             multimask_output=multimask_output,
             **extra,
         )
+
+
+def _ragged_groups(point_coords: Any) -> list[list[int]] | None:
+    """Object indices grouped by point count for a list of per-object point arrays (else
+    None: one uniform array needs no grouping)."""
+    if point_coords is None or isinstance(point_coords, np.ndarray):
+        return None
+    if not isinstance(point_coords, (list, tuple)) or not point_coords:
+        return None
+    if np.ndim(point_coords[0]) < 2:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(point_coords):
+        groups.setdefault(len(c), []).append(i)
+    return list(groups.values())
 
 
 def _check_finite(a: np.ndarray, name: str) -> None:

@@ -107,49 +107,54 @@ def _padded(i: int) -> tuple[np.ndarray, np.ndarray]:
     return coords, labels
 
 
-def test_ragged_point_sets_equal_explicitly_padded_prompts(predictor, tiny_pair):
-    """A list of point sets of different sizes is padded with label -1 points.
+@pytest.mark.parametrize("multimask", [True, False])
+def test_ragged_point_sets_equal_one_by_one(predictor, multimask):
+    """A list of point sets of different sizes is decoded in groups of equal size, so each
+    object gets exactly its own ``predict`` result (no padding tokens)."""
+    out = predictor.predict_batch(POINT_SETS, LABEL_SETS, multimask_output=multimask)
+    assert out[0].shape == (3, 3 if multimask else 1, H, W)
+    for i in range(3):
+        single = predictor.predict(POINT_SETS[i], LABEL_SETS[i], multimask_output=multimask)
+        assert_same(tuple(o[i] for o in out), single)
+    # With boxes and mask inputs sliced along the same groups.
+    boxes = BOXES[:3]
+    out = predictor.predict_batch(POINT_SETS, LABEL_SETS, boxes)
+    for i in range(3):
+        assert_same(tuple(o[i] for o in out),
+                    predictor.predict(POINT_SETS[i], LABEL_SETS[i], box=boxes[i]))
 
-    Each object's result equals the same prompt padded by hand, through ``predict`` and
-    through the reference ``SamPredictor`` fed the same padded arrays. The longest set is not
-    padded, so it also equals its own unpadded one-by-one result.
-    """
+
+def test_explicit_padding_matches_the_reference(predictor, tiny_pair):
+    """A ``B x N x 2`` array whose shorter sets are padded with label -1 points is decoded as
+    given, like the reference ``SamPredictor`` fed the same arrays."""
     from segment_anything import SamPredictor
 
-    out = predictor.predict_batch(POINT_SETS, LABEL_SETS)
-    assert out[0].shape == (3, 3, H, W)
+    padded = [_padded(i) for i in range(3)]
+    coords = np.stack([c for c, _ in padded])
+    labels = np.stack([lab for _, lab in padded])
+    out = predictor.predict_batch(coords, labels)
     ref = SamPredictor(tiny_pair[1])
     ref.features = predictor.get_image_embedding()  # same embedding: compare decoders only
     ref.original_size, ref.input_size = predictor.original_size, predictor.input_size
     ref.is_image_set = True
     for i in range(3):
-        coords, labels = _padded(i)
         mine = tuple(o[i] for o in out)
-        assert_same(mine, predictor.predict(coords, labels))
-        tc = ref.transform.apply_coords(coords, ref.original_size)
-        rm, ri, rl = ref.predict_torch(
-            torch.as_tensor(tc, dtype=torch.float)[None], torch.as_tensor(labels)[None]
+        assert_same(mine, predictor.predict(coords[i], labels[i]))
+        tc = ref.transform.apply_coords(coords[i], ref.original_size)
+        _, ri, rl = ref.predict_torch(
+            torch.as_tensor(tc, dtype=torch.float)[None], torch.as_tensor(labels[i])[None]
         )
         np.testing.assert_allclose(mine[1], ri[0].numpy(), atol=REF_ATOL, rtol=REF_ATOL)
         np.testing.assert_allclose(mine[2], rl[0].numpy(), atol=REF_ATOL, rtol=REF_ATOL)
-    longest = 1
-    assert_same(
-        tuple(o[longest] for o in out),
-        predictor.predict(POINT_SETS[longest], LABEL_SETS[longest]),
-    )
 
 
 def test_padding_points_is_not_free(predictor):
-    """Documents SAM's behaviour: a -1 point is not ignored by the mask decoder.
-
-    The prompt encoder replaces a padding point's embedding by ``not_a_point_embed`` and the
-    decoder attends to it as an extra token, so a shorter point set decoded in a padded batch
-    differs from the same set decoded alone (it equals the hand-padded prompt instead, see
-    above). Callers who need one-by-one results batch point sets of equal size.
-    """
-    out = predictor.predict_batch(POINT_SETS, LABEL_SETS)
+    """Documents SAM's behaviour: a -1 point is not ignored by the mask decoder (it becomes a
+    ``not_a_point_embed`` token), which is why ragged point sets are grouped, not padded."""
+    coords, labels = _padded(0)
+    padded = predictor.predict(coords, labels)
     alone = predictor.predict(POINT_SETS[0], LABEL_SETS[0])
-    assert np.abs(out[2][0] - alone[2]).max() > 1e-3
+    assert np.abs(padded[2] - alone[2]).max() > 1e-3
 
 
 @pytest.mark.parametrize("multimask", [True, False])

@@ -184,11 +184,13 @@ def test_resume_continues_exactly(cache_dir, tmp_path):
     tr.fit(progress=False)
     ref = tr.trainable_state()
 
-    half = _config(cache_dir, tmp_path / "b", steps=4)
+    # The same run stopped at step 4 (the schedule still aims at 8), then restarted in a fresh
+    # trainer from the run folder's checkpoint.
+    half = _config(cache_dir, tmp_path / "b", steps=8, checkpoint_every=3)
     tr2 = Trainer(build_training_model(half), half, FeatureCache(cache_dir))
-    tr2.fit(progress=False)  # writes a checkpoint at step 4
-    resumed_cfg = _config(cache_dir, tmp_path / "b", steps=8)
-    tr3 = Trainer(build_training_model(resumed_cfg), resumed_cfg, FeatureCache(cache_dir))
+    tr2.fit(progress=False, stop_at=4)  # checkpoints at steps 3 and 4
+    assert tr2.step == 4
+    tr3 = Trainer(build_training_model(half), half, FeatureCache(cache_dir))
     tr3.fit(progress=False)  # resumes from step 4
     assert tr3.step == 8
     for k, v in tr3.trainable_state().items():

@@ -379,7 +379,12 @@ class Trainer:
         )
         return out
 
-    def fit(self, progress: bool = True) -> None:
+    def fit(self, progress: bool = True, stop_at: int | None = None) -> None:
+        """Trains to ``cfg.steps`` (resuming from the run folder's checkpoint if there is one).
+
+        ``stop_at`` ends this call early at that step with a checkpoint written, for runs split
+        over several sessions; the schedule still follows ``cfg.steps``.
+        """
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -392,7 +397,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not progress)
         window: list[dict[str, float]] = []
         t0 = time.time()
-        while self.step < cfg.steps:
+        end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+        while self.step < end:
             stats = self.train_step()
             window.append(stats)
             bar.update(1)
@@ -408,7 +414,7 @@ class Trainer:
                     iou=f"{mean.get('rlast_iou', mean['r0_iou']):.3f}",
                 )
                 window = []
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
                 self.save_checkpoint()
         bar.close()
 

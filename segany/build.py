@@ -16,7 +16,7 @@ from .checkpoint import (
 )
 from .modeling.config import SamConfig, build_sam
 from .modeling.sam import Sam
-from .registry import find_variant, get_model_spec
+from .registry import DEFAULT_MODEL, bundled_weights_path, find_variant, get_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -32,23 +32,23 @@ def build_model(
       ``name`` the variant comes from the file's embedded config or from its tensor shapes.
     - only ``name`` given: the variant's bundled weights (official SAM variants have none:
       the error says which file to pass).
+    - neither: the bundled default model, segany-lite (shipped inside the package).
     """
-    source = str(checkpoint) if checkpoint is not None else None
+    spec = get_model_spec(name) if name is not None else None  # unknown names fail first
     if checkpoint is None:
-        if name is None:
+        spec = spec or get_model_spec(DEFAULT_MODEL)
+        bundled = bundled_weights_path(spec.name)
+        if bundled is None:
+            hint = f" ({spec.checkpoint_file} from {spec.url})" if spec.url else ""
             raise CheckpointError(
-                "no checkpoint given and no bundled default model is installed yet; pass "
-                "checkpoint=PATH to an official SAM file (see `segany models`)"
+                f"model {spec.name!r} has no bundled weights installed; pass "
+                f"checkpoint=PATH{hint} (see `segany models`)"
             )
-        spec = get_model_spec(name)
-        hint = f" ({spec.checkpoint_file} from {spec.url})" if spec.url else ""
-        raise CheckpointError(
-            f"model {spec.name!r} has no bundled weights; pass checkpoint=PATH{hint}"
-        )
+        checkpoint = bundled
+    source = str(checkpoint)
     state, metadata = read_state_dict(checkpoint)
-    assert source is not None
-    if name is not None:
-        config = get_model_spec(name).config
+    if spec is not None:
+        config = spec.config
     else:
         config = config_from_metadata(metadata, source) or infer_config(state, source)
     model = instantiate(config, state, source)

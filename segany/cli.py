@@ -344,11 +344,16 @@ def cmd_auto(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .registry import list_models
+    from .registry import DEFAULT_MODEL, bundled_weights_path, list_models
 
     for spec in list_models():
-        file = spec.checkpoint_file or "bundled"
-        print(f"{spec.name:<12} {spec.description:<28} {file}")
+        if spec.bundled is not None:
+            where = "bundled" if bundled_weights_path(spec.name) else "bundled (not installed)"
+        else:
+            where = f"--checkpoint {spec.checkpoint_file}"
+        mark = "*" if spec.name == DEFAULT_MODEL else " "
+        print(f"{mark} {spec.name:<12} {spec.description:<62} {where}")
+    print("* the default (used when neither --model nor --checkpoint is given)")
     return 0
 
 

@@ -104,15 +104,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ embeddings on disk
     def model_fingerprint(self) -> str:
-        """Identifies the weights an embedding was computed with (config + a few tensors)."""
+        """Identifies the weights an embedding was computed with: the config plus, for every
+        parameter and buffer, its name, shape and up to 64 evenly spaced values."""
         cfg = getattr(self.model, "config", None)
         h = hashlib.sha256(cfg.to_json().encode() if cfg is not None else b"?")
-        for t in (
-            self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
-            self.model.prompt_encoder.no_mask_embed.weight,
-            *[p for p in self.model.image_encoder.parameters()][-2:],
-        ):
-            h.update(t.detach().float().cpu().numpy().tobytes())
+        with torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                flat = t.detach().reshape(-1)
+                step = max(1, flat.numel() // 64)
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(flat[::step].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def save_embedding(self, path: str | os.PathLike[str]) -> None:
@@ -160,6 +161,13 @@ class Predictor:
                 raise ValueError("no segany_embedding metadata")
             meta = json.loads(raw)
             original, inp = tuple(meta["original_size"]), tuple(meta["input_size"])
+            if not all(
+                len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+                for v in (original, inp)
+            ):
+                raise ValueError(f"bad image sizes {original} / {inp}")
+            if features.ndim != 4 or features.shape[0] != 1:
+                raise ValueError(f"features of shape {tuple(features.shape)}")
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{p} is not a valid segany embedding file: {exc}") from exc
         if meta.get("model") != self.model_fingerprint():

@@ -7,6 +7,7 @@ shown in messages so people know where to get them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig, ViTEncoderConfig
 
@@ -20,6 +21,7 @@ class ModelSpec:
     description: str
     checkpoint_file: str | None = None  #: official file name, if any
     url: str | None = None  #: where the official file can be downloaded (never fetched here)
+    bundled: str | None = None  #: weights file shipped in ``segany/weights/``, if any
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -99,6 +101,20 @@ register_model(
     ModelSpec(
         "segany-lite",
         SEGANY_LITE_CONFIG,
-        "segany's own offline model (Lite0)",
+        "segany's own offline model (Lite0, 512 px; see MODEL_CARD.md)",
+        bundled="segany_lite.safetensors",
     )
 )
+
+#: The model used when no name and no checkpoint are given.
+DEFAULT_MODEL = "segany-lite"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def bundled_weights_path(name: str) -> Path | None:
+    """The installed weights file of ``name``'s bundled weights, or None if it has none."""
+    spec = get_model_spec(name)
+    if spec.bundled is None:
+        return None
+    path = WEIGHTS_DIR / spec.bundled
+    return path if path.is_file() else None

@@ -234,8 +234,9 @@ def test_named_variant_with_wrong_checkpoint_reports_shape_mismatch(files):
     assert "image_encoder.blocks.0.attn.qkv.weight (file (96, 32), model (2304, 768))" in msg
 
 
-def test_build_model_without_checkpoint_is_helpful():
-    with pytest.raises(CheckpointError, match="checkpoint=PATH"):
+def test_build_model_without_checkpoint_is_helpful(tmp_path, monkeypatch):
+    monkeypatch.setattr(segany.registry, "WEIGHTS_DIR", tmp_path)  # as if not installed
+    with pytest.raises(CheckpointError, match="segany-lite.*no bundled weights installed"):
         build_model()
     with pytest.raises(CheckpointError) as info:
         build_model("vit_b")
@@ -243,6 +244,25 @@ def test_build_model_without_checkpoint_is_helpful():
     assert "sam_vit_b_01ec64.pth" in msg and "checkpoint=PATH" in msg
     with pytest.raises(CheckpointError, match="sam_vit_h_4b8939.pth"):
         build_model("default")
+
+
+def test_bundled_weights_are_the_default(tmp_path, monkeypatch):
+    """No name and no checkpoint: the weights file in ``segany/weights`` for segany-lite."""
+    from segany.registry import SEGANY_LITE_CONFIG
+
+    lite = randomize_(build_sam(SEGANY_LITE_CONFIG), seed=3).eval()
+    spec = get_model_spec("segany-lite")
+    segany.save_safetensors(lite, tmp_path / spec.bundled, config=SEGANY_LITE_CONFIG)
+    monkeypatch.setattr(segany.registry, "WEIGHTS_DIR", tmp_path)
+    for built in (build_model(), build_model("segany-lite")):
+        assert built.config == SEGANY_LITE_CONFIG
+        for k, v in lite.state_dict().items():
+            assert torch.equal(built.state_dict()[k], v), k
+
+
+def test_unknown_name_is_reported_before_the_file_is_read(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'vit_x'"):
+        build_model("vit_x", checkpoint=tmp_path / "does_not_exist.pth")
 
 
 # ---------------------------------------------------------------------------------- bad files

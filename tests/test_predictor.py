@@ -7,6 +7,7 @@ Bad input: every malformed prompt or image is a ``ValueError`` that says what wa
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -120,8 +121,9 @@ def test_ragged_point_sets_equal_one_by_one(predictor, multimask):
     boxes = BOXES[:3]
     out = predictor.predict_batch(POINT_SETS, LABEL_SETS, boxes)
     for i in range(3):
-        assert_same(tuple(o[i] for o in out),
-                    predictor.predict(POINT_SETS[i], LABEL_SETS[i], box=boxes[i]))
+        assert_same(
+            tuple(o[i] for o in out), predictor.predict(POINT_SETS[i], LABEL_SETS[i], box=boxes[i])
+        )
 
 
 def test_explicit_padding_matches_the_reference(predictor, tiny_pair):
@@ -246,6 +248,18 @@ def test_embedding_from_other_weights_is_refused(predictor, tmp_path):
     assert not other.is_image_set
 
 
+def test_fingerprint_sees_a_change_deep_inside_the_encoder(predictor):
+    before = predictor.model_fingerprint()
+    block = predictor.model.image_encoder.blocks[0].attn.qkv.weight
+    with torch.no_grad():
+        block[0, 0] += 1.0
+    try:
+        assert predictor.model_fingerprint() != before
+    finally:
+        with torch.no_grad():
+            block[0, 0] -= 1.0
+
+
 def _corrupt_files(tmp_path, predictor):
     good = tmp_path / "good.safetensors"
     predictor.save_embedding(good)
@@ -268,6 +282,17 @@ def _corrupt_files(tmp_path, predictor):
     features = {"features": predictor.get_image_embedding().contiguous()}
     save_safetensors(features, files["no_metadata"])
     save_safetensors(features, files["bad_metadata"], extra_metadata={"segany_embedding": "{x"})
+    fp = predictor.model_fingerprint()
+    for name, sizes in {
+        "short_size": ([H], [64, 64]),
+        "zero_size": ([0, W], [64, 64]),
+        "float_size": ([H, W], [64.5, 64]),
+    }.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        meta = {"original_size": sizes[0], "input_size": sizes[1], "model": fp}
+        save_safetensors(
+            features, files[name], extra_metadata={"segany_embedding": json.dumps(meta)}
+        )
     return files
 
 

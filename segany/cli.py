@@ -152,17 +152,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="interactive-segmentation evaluation (NoC@85/90, mIoU per click)",
-        description="Clicks at the innermost point of the larger error region (the standard "
-        "protocol), previous logits fed back, up to --max-clicks; writes a JSON report and a "
-        "plot of mIoU against clicks.",
+        help="evaluation: interactive clicks (NoC, mIoU), segment-everything or box-prompted AP",
+        description="--task interactive (default): clicks at the innermost point of the larger "
+        "error region (the standard protocol), previous logits fed back, up to --max-clicks; "
+        "writes a JSON report and a plot of mIoU against clicks. --task everything: mask AP/AR "
+        "(COCO, class-agnostic, pycocotools) of the automatic generator's masks against every "
+        "ground-truth mask of each image. --task box: mask AP/AR and mIoU with each "
+        "ground-truth box as the prompt. Crowd masks (iscrowd) are regions to ignore.",
     )
-    e.add_argument("data", help="dataset folder: DAVIS layout (images/, masks/) or manifest")
+    e.add_argument(
+        "data",
+        help="dataset: a manifest folder (manifest.jsonl), a DAVIS-style folder (images/, "
+        "masks/) or a COCO instances JSON (with --image-dir)",
+    )
     e.add_argument("-o", "--output", required=True, help="report JSON")
-    e.add_argument("--plot", help="PNG plot of mIoU against clicks")
-    e.add_argument("--max-clicks", type=int, default=20)
-    e.add_argument("--limit", type=int, help="evaluate the first N instances only")
+    e.add_argument(
+        "--task",
+        choices=["interactive", "everything", "box"],
+        default="interactive",
+        help="what to evaluate (default: interactive)",
+    )
+    e.add_argument("--image-dir", help="images of a COCO JSON (default: the JSON's folder)")
+    e.add_argument("--limit", type=int, help="evaluate the first N instances (images for AP)")
     e.add_argument("--baseline", choices=["grabcut"], help="evaluate a classical baseline")
+    g = e.add_argument_group("interactive")
+    g.add_argument("--plot", help="PNG plot of mIoU against clicks")
+    g.add_argument("--max-clicks", type=int, default=20)
+    g = e.add_argument_group("everything and box")
+    g.add_argument("--overlays", help="folder for ground truth | prediction PNGs of a few images")
+    g.add_argument("--n-overlays", type=int, default=8, help="images with an overlay (default 8)")
+    g.add_argument(
+        "--multimask",
+        action="store_true",
+        help="box: keep the best of 3 candidate masks instead of asking for one",
+    )
+    g.add_argument(
+        "--score",
+        choices=["predicted_iou", "stability_score", "product"],
+        default="predicted_iou",
+        help="everything: how masks are ranked for AP (default: predicted_iou)",
+    )
+    g.add_argument("--points-per-side", type=int, default=32)
+    g.add_argument("--points-per-batch", type=int, default=64)
+    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    g.add_argument("--stability-score-thresh", type=float, default=0.95)
+    g.add_argument("--box-nms-thresh", type=float, default=0.7)
+    g.add_argument("--crop-n-layers", type=int, default=0)
+    g.add_argument("--min-mask-region-area", type=int, default=0)
     _model_args(e)
 
     sub.add_parser("models", help="list the registered model variants")
@@ -401,27 +437,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dataset(args: argparse.Namespace) -> Any:
+    from .data import CocoDataset, DavisDataset, ManifestDataset
+
+    root = Path(args.data)
+    if root.is_file() and root.suffix.lower() == ".json":
+        image_dir = Path(args.image_dir) if args.image_dir else root.parent
+        # Crowd regions are kept for AP (they are ignore regions there), never clicked on.
+        return CocoDataset(root, image_dir, include_crowd=args.task != "interactive")
+    if args.image_dir:
+        raise CliError("--image-dir is only for a COCO JSON dataset")
+    if (root / "manifest.jsonl").exists():
+        return ManifestDataset(root)
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return DavisDataset(root)
+    raise CliError(
+        f"{root} is neither a manifest folder, a DAVIS-style folder nor a COCO JSON file"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DavisDataset, ManifestDataset
     from .evaluate import GrabCutPredictor, evaluate_interactive, plot_miou_curve, save_report
     from .predictor import Predictor
 
-    root = Path(args.data)
-    if (root / "manifest.jsonl").exists():
-        dataset: Any = ManifestDataset(root)
-    elif (root / "images").is_dir() and (root / "masks").is_dir():
-        dataset = DavisDataset(root)
-    else:
-        raise CliError(f"{root} is neither a manifest folder nor a DAVIS-style folder")
+    if args.task != "interactive" and args.plot:
+        raise CliError("--plot is for --task interactive; use --overlays for pictures")
+    if args.task == "everything" and args.baseline:
+        raise CliError("--baseline grabcut has no 'segment everything' mode")
+    for out in (args.output, args.plot):
+        if out:
+            _check_output_dir(out)
+    dataset = _eval_dataset(args)
+    model: Any = None
     if args.baseline == "grabcut":
         predictor: Any = GrabCutPredictor()
         name = "GrabCut"
     else:
-        predictor = Predictor(_load_model(args))
+        model = _load_model(args)
+        predictor = Predictor(model)
         name = args.model or (Path(args.checkpoint).stem if args.checkpoint else "segany-lite")
+    if args.task != "interactive":
+        return _eval_ap(args, dataset, model, predictor, name)
     report = evaluate_interactive(predictor, dataset, max_clicks=args.max_clicks, limit=args.limit)
     report["name"] = name
-    report["data"] = str(root)
+    report["data"] = str(args.data)
     save_report(args.output, report)
     if args.plot:
         plot_miou_curve({name: report}, args.plot)
@@ -431,6 +490,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"mIoU@1 {report['miou_at'][0]:.3f}  box mIoU {report['box_miou']:.3f}  "
         f"({report['n_instances']} instances) -> {args.output}"
     )
+    return 0
+
+
+def _eval_ap(args: argparse.Namespace, dataset: Any, model: Any, predictor: Any, name: str) -> int:
+    from .evaluate import save_report
+    from .evaluate_coco import evaluate_box_prompted, evaluate_everything, summary_line
+
+    common: dict[str, Any] = {
+        "limit": args.limit,
+        "overlays": args.overlays,
+        "n_overlays": args.n_overlays,
+    }
+    if args.task == "everything":
+        from .automatic import AutomaticMaskGenerator
+
+        generator = AutomaticMaskGenerator(
+            model,
+            points_per_side=args.points_per_side,
+            points_per_batch=args.points_per_batch,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+            box_nms_thresh=args.box_nms_thresh,
+            crop_n_layers=args.crop_n_layers,
+            min_mask_region_area=args.min_mask_region_area,
+            output_mode="coco_rle",
+        )
+        report = evaluate_everything(generator, dataset, score=args.score, **common)
+    else:
+        report = evaluate_box_prompted(predictor, dataset, multimask=args.multimask, **common)
+    report["name"] = name
+    report["data"] = str(args.data)
+    save_report(args.output, report)
+    print(f"{name} ({args.task}): {summary_line(report)} -> {args.output}")
     return 0
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "MaskSample",
     "load_mask",
     "load_sample",
+    "load_sample_mask",
 ]
 
 PathLike = str | os.PathLike
@@ -211,6 +212,17 @@ def _load_gt(sample: MaskSample) -> np.ndarray:
     if "segmentation" in sample.meta:
         return _decode_coco(sample)
     raise DatasetError(sample.image_path, "sample has neither a mask_path nor a segmentation")
+
+
+def load_sample_mask(sample: MaskSample) -> np.ndarray:
+    """The ``H x W`` bool object mask of a sample of any loader (a mask file or a COCO
+    segmentation) without loading its image; sizes and emptiness are not checked (see
+    :func:`load_sample`).
+
+    Raises:
+        DatasetError: the mask file is missing or corrupt, or the segmentation is malformed.
+    """
+    return _load_gt(sample)
 
 
 def _mask_source(sample: MaskSample) -> str:

@@ -1,5 +1,8 @@
 """Frozen-encoder feature cache: run the backbone once per image, train the rest many times.
 
+Images come as :class:`ImageRecord` lists, e.g. from the training config's ``data`` entries
+(manifest folders, COCO JSON, image/mask folders) via :func:`records_from_datasets`.
+
 Layout of a cache folder (resumable: images already written are skipped on a rerun)::
 
     index.json           settings, per-image records, per-mask records
@@ -14,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,41 +26,11 @@ import torch
 
 from ..images import load_image
 from ..transforms import ResizeLongestSide
+from .datasets import ImageRecord, load_record_masks, mask_source, records_from_datasets
+
+__all__ = ["FeatureCache", "ImageRecord", "build_cache", "records_from_datasets"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageRecord:
-    """One image and its masks (paths) for caching."""
-
-    image: Path
-    masks: list[Path]
-    set_name: str
-    image_id: str
-
-
-def read_manifest_groups(
-    root: str | os.PathLike[str], set_name: str | None = None
-) -> list[ImageRecord]:
-    """Groups a manifest folder's masks by image (layout of ``shared/data/train/*``)."""
-    base = Path(root)
-    groups: OrderedDict[Path, list[Path]] = OrderedDict()
-    with open(base / "manifest.jsonl") as fh:
-        for line in fh:
-            if line.strip():
-                rec = json.loads(line)
-                groups.setdefault(base / rec["image"], []).append(base / rec["mask"])
-    name = set_name or Path(root).name
-    return [ImageRecord(img, masks, name, img.stem) for img, masks in groups.items()]
-
-
-def records_from_datasets(roots: list[Any]) -> list[ImageRecord]:
-    """Image records of every manifest folder in ``roots`` (paths relative to the cwd)."""
-    records: list[ImageRecord] = []
-    for root in roots:
-        records += read_manifest_groups(root)
-    return records
 
 
 class FeatureCache:
@@ -130,8 +101,8 @@ def build_cache(
         index = dict(settings, images=[], masks=[])
         for i, rec in enumerate(records):
             first = len(index["masks"])
-            for mask_file in rec.masks:
-                index["masks"].append({"image": i, "path": str(mask_file)})
+            for sample in rec.masks:
+                index["masks"].append({"image": i, "path": mask_source(sample)})
             index["images"].append(
                 {
                     "id": rec.image_id,
@@ -177,10 +148,9 @@ def build_cache(
             batch[j, :, :h, :w] = (t - mean[0]) / std[0]
             index["images"][i].update(orig_hw=list(image.shape[:2]), input_hw=[h, w])
             rec = index["images"][i]
+            gts = load_record_masks(records[i], image.shape[:2])
             for k in range(rec["n_masks"]):
-                masks[rec["first_mask"] + k] = _mask_bits(
-                    records[i].masks[k], image.shape[:2], (h, w), mask_size
-                )
+                masks[rec["first_mask"] + k] = _mask_bits(gts[k], (h, w), mask_size)
         with torch.no_grad():
             out_feats = net(batch)
         for f_arr, f in zip(feats, out_feats):
@@ -198,16 +168,9 @@ def build_cache(
     return out
 
 
-def _mask_bits(
-    path: Path, orig_hw: tuple[int, int], input_hw: tuple[int, int], size: int
-) -> np.ndarray:
-    """Mask file -> ``size x size/8`` packed bits in the padded input frame at half resolution."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        mask = np.array(im.convert("L")) > 0
-    if mask.shape != tuple(orig_hw):
-        raise ValueError(f"mask {path} is {mask.shape} but its image is {tuple(orig_hw)}")
+def _mask_bits(mask: np.ndarray, input_hw: tuple[int, int], size: int) -> np.ndarray:
+    """``H x W`` bool mask -> ``size x size/8`` packed bits in the padded input frame at half
+    resolution (area-resized, kept where at least half covered)."""
     h, w = max(1, round(input_hw[0] / 2)), max(1, round(input_hw[1] / 2))
     soft = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
     frame = np.zeros((size, size), dtype=bool)

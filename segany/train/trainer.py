@@ -1,7 +1,13 @@
-"""Training segany models on cached frozen-encoder features (the SAM recipe, sized for CPUs).
+"""Training segany models with the SAM recipe, sized for CPUs.
 
-One step: a few cached images, several masks each; the trainable neck runs once per image,
-the prompt encoder + mask decoder once per prompt and click round. Round 0 is a point (best of
+Two modes share the prompt rollout, the losses, the schedule, checkpoints and logging
+(:class:`TrainerBase`): :class:`Trainer` trains on cached frozen-encoder features
+(``mode: "cached"``), :class:`segany.train.image_trainer.ImageTrainer` runs the image encoder
+on augmented images every step (``mode: "images"``; frozen, partly trainable or with LoRA).
+
+One step: a few images, several masks each; the image encoder (or the neck, on cached
+features) runs once per image, the prompt encoder + mask decoder once per prompt and click
+round. Round 0 is a point (best of
 3 candidate masks is trained), a noisy box or a rough mask; then corrective clicks sampled
 from the error of the previous prediction, with the previous low-res logits fed back, for a
 random number of rounds run without gradient; round 0 and the last round carry the loss
@@ -18,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +71,30 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 0  #: torch threads (0: leave as is)
     init_from: str | None = None  #: weights to start from (e.g. the shipped model)
-    data: list[Any] = field(default_factory=list)  #: dataset roots used to build the cache
-    model: dict[str, Any] = field(default_factory=dict)  #: SamConfig as a dict
+    #: datasets: manifest folders, {"coco": JSON, "images": DIR}, {"images": DIR, "masks": DIR}
+    data: list[Any] = field(default_factory=list)
+    #: a SamConfig dict or a registered model name ("vit_b", "segany-lite", ...)
+    model: dict[str, Any] | str = field(default_factory=dict)
+    mode: str = "cached"  #: "cached" (feature cache, frozen backbone) or "images"
+    device: str = "cpu"  #: torch device of the model and the losses
+    # ---- mode "images" only
+    #: parameter groups to train (see ``segany.train.lora.set_trainable``); None: neck+decoder
+    trainable: str | list[str] | None = None
+    lora: dict[str, Any] | None = None  #: LoRA adapters: {rank, alpha, dropout, targets}
+    scale_range: tuple[float, float] = (0.5, 1.5)  #: scale jitter of the longest-side resize
+    copy_paste_prob: float = 0.25  #: chance an image gets an object of another batch image
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("cached", "images"):
+            raise ValueError(f"training mode must be 'cached' or 'images', got {self.mode!r}")
+        if self.mode == "cached" and (self.trainable is not None or self.lora is not None):
+            raise ValueError(
+                "'trainable' and 'lora' are settings of mode 'images' (cached features train "
+                "everything after the frozen backbone)"
+            )
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> TrainConfig:
@@ -75,8 +104,9 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
-        if "prompt_probs" in data:
-            data["prompt_probs"] = tuple(data["prompt_probs"])
+        for key in ("prompt_probs", "scale_range"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
@@ -88,27 +118,329 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-class Trainer:
+class TrainerBase:
+    """What both training modes share: the prompt rollout and its losses, the optimiser and
+    schedule, validation, checkpoints that resume exactly, the log and export.
+
+    A subclass sets the trainable parameters before calling ``__init__`` and provides
+    ``_train_batch`` (one micro-batch: embeddings repeated per mask, the masks and their
+    valid regions in the mask frame), ``_val_batches`` and ``_set_train_mode``.
+    """
+
+    def __init__(self, model: Sam, config: TrainConfig, mask_size: int) -> None:
+        self.model = model
+        self.cfg = config
+        self.device = torch.device(config.device)
+        self.mask_size = mask_size  #: side of the square mask frame (losses and clicks)
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self.rng = np.random.default_rng(config.seed)
+        self.log_path = self.out / "log.jsonl"
+
+    # ---------------------------------------------------------------- subclass hooks
+    def _set_train_mode(self) -> None:
+        raise NotImplementedError
+
+    def _train_batch(
+        self,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, np.ndarray, np.ndarray]:
+        """``(embeddings N x C x h x w, high-res features or None, gts N x F x F bool,
+        valid N x F x F bool)`` for ``N`` prompts, ``F = mask_size``."""
+        raise NotImplementedError
+
+    def _val_batches(
+        self,
+    ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor] | None, np.ndarray, np.ndarray]]:
+        """Held-out images one by one, as :meth:`_train_batch` without augmentation."""
+        raise NotImplementedError
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint needs (the rest comes from the initial weights)."""
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---------------------------------------------------------------- model pieces
+    def _decode(self, emb, hr, points, boxes, mask_in, multimask: bool):
+        pe = self.model.prompt_encoder
+        sparse, dense = pe(points=points, boxes=boxes, masks=mask_in)
+        return self.model.mask_decoder(
+            image_embeddings=emb,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            high_res_features=hr,
+        )
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def _frame_scale(self) -> float:
+        """Model input pixels per mask-frame pixel."""
+        return self.model.img_size / self.mask_size
+
+    def _to_input(self, xy: np.ndarray) -> np.ndarray:
+        """Mask-frame pixel centres -> model input coordinates (as the predictor passes them)."""
+        s = self._frame_scale()
+        return xy * s + (s - 1) / 2
+
+    def _upsample(self, low: torch.Tensor) -> torch.Tensor:
+        size = self.mask_size
+        return F.interpolate(low.float(), (size, size), mode="bilinear", align_corners=False)
+
+    # ---------------------------------------------------------------- one step
+    def _rollout(
+        self,
+        emb,
+        hr,
+        gts: np.ndarray,
+        valid: np.ndarray,
+        n_rounds: int,
+        train: bool,
+        kind: str | None = None,
+        center_prob: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float], list[float]]:
+        """Round 0 + ``n_rounds`` corrective rounds; loss on round 0 and the last round."""
+        cfg = self.cfg
+        dev = self.device
+        n = len(gts)
+        cp = cfg.center_click_prob if center_prob is None else center_prob
+        if kind is None:
+            kind = str(self.rng.choice(["point", "box", "mask"], p=list(cfg.prompt_probs)))
+        targets = torch.from_numpy(gts.astype(np.float32)).to(dev)
+        clicks: list[list[tuple[float, float, int]]] = [[] for _ in range(n)]
+        boxes = mask_in = None
+        if kind == "point":
+            for j in range(n):
+                c = initial_click(gts[j], self.rng, cp)
+                clicks[j].append((c.x, c.y, 1))
+        elif kind == "box":
+            b = np.stack([noisy_box(g, self.rng) for g in gts])
+            s = self._frame_scale()
+            boxes = torch.as_tensor(b * s + (s - 1) / 2, dtype=torch.float).to(dev)
+        else:
+            low = self.model.prompt_encoder.mask_input_size
+            mask_in = torch.from_numpy(
+                np.stack([noisy_mask_logits(g, self.rng, low) for g in gts])[:, None]
+            ).to(dev)
+        total = torch.zeros((), device=dev)
+        stats: dict[str, float] = {}
+        ious: list[float] = []
+        prev_low = None
+        for r in range(n_rounds + 1):
+            points = self._points(clicks, pad=boxes is None)
+            multimask = kind == "point" and r == 0
+            with_grad = train and (r == 0 or r == n_rounds)
+            with torch.set_grad_enabled(with_grad), self._autocast():
+                low, iou_pred = self._decode(emb, hr, points, boxes, mask_in, multimask)
+                logits = self._upsample(low)
+                if with_grad:
+                    loss, st = sam_loss(logits, iou_pred, targets, best_of_candidates=multimask)
+                    total = total + loss
+                    for k, v in st.items():
+                        stats[f"r{0 if r == 0 else 'last'}_{k}"] = v
+            with torch.no_grad():
+                best = (
+                    iou_pred.float().argmax(1)
+                    if multimask
+                    else torch.zeros(n, dtype=torch.long, device=dev)
+                )
+                rows = torch.arange(n, device=dev)
+                prev_low = low[rows, best].detach().float()[:, None]
+                chosen = logits[rows, best].detach()
+                ious.append(float(mask_iou(chosen, targets).mean()))
+                if r == n_rounds:
+                    break
+                pred = (chosen > 0).cpu().numpy()
+                for j in range(n):
+                    nxt = corrective_click(gts[j], pred[j], self.rng, cp, valid[j])
+                    if nxt is None:  # perfect: click again on the object centre (harmless)
+                        nxt = initial_click(gts[j], self.rng, 1.0)
+                    clicks[j].append((nxt.x, nxt.y, int(nxt.positive)))
+                mask_in = prev_low
+        return total, stats, ious
+
+    def _points(self, clicks, pad: bool):
+        if not clicks[0]:
+            return None
+        xy = np.array([[c[:2] for c in cl] for cl in clicks], dtype=np.float64)
+        lab = np.array([[c[2] for c in cl] for cl in clicks], dtype=np.int64)
+        coords = torch.as_tensor(self._to_input(xy), dtype=torch.float).to(self.device)
+        return coords, torch.as_tensor(lab, dtype=torch.int).to(self.device)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self._set_train_mode()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            emb, hr, gts, valid = self._train_batch()
+            n_rounds = int(self.rng.integers(0, cfg.max_click_rounds + 1))
+            loss, stats, _ = self._rollout(emb, hr, gts, valid, n_rounds, train=True)
+            (loss / cfg.grad_accum).backward()
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        agg["grad_norm"] = float(grad_norm)
+        agg["lr"] = self.lr_at(self.step - 1)
+        return agg
+
+    @torch.no_grad()
+    def validate(self, n_clicks: int = 5) -> dict[str, float]:
+        """Held-out images, evaluation-protocol clicks (innermost error point), no flips."""
+        self.model.eval()
+        state = self.rng.bit_generator.state
+        self.rng = np.random.default_rng(999)
+        curves, box_ious = [], []
+        for emb, hr, gts, valid in self._val_batches():
+            _, _, ious = self._rollout(
+                emb, hr, gts, valid, n_clicks - 1, train=False, kind="point", center_prob=1.0
+            )
+            curves.append(ious)
+            _, _, bious = self._rollout(emb, hr, gts, valid, 0, train=False, kind="box")
+            box_ious.append(bious[0])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state
+        if not curves:
+            return {}
+        arr = np.array(curves)
+        out = {f"val_miou@{k + 1}": float(arr[:, k].mean()) for k in range(arr.shape[1])}
+        out["val_box_miou"] = float(np.mean(box_ious))
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        path = path or self.out / "checkpoint.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        ckpt = {
+            "step": self.step,
+            "model": self.trainable_state(),
+            "optimizer": self.opt.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+        extra = self._extra_state()
+        if extra:
+            ckpt["extra"] = extra
+        if self.device.type == "cuda":
+            ckpt["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        expected = set(self.trainable_state())
+        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
+        bad = sorted(expected - set(ckpt["model"]))
+        if bad or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: {bad} {unexpected}")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        if "cuda_rng" in ckpt and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+        self._load_extra_state(ckpt.get("extra", {}))
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights under the official names (LoRA adapters merged)."""
+        from .lora import lora_modules, merged_state_dict
+
+        if lora_modules(self.model):
+            return merged_state_dict(self.model)
+        return self.model.state_dict()
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the whole model (backbone included, adapters merged) as ``.safetensors`` with
+        its config, so ``segany.build_model(checkpoint=path)`` loads it strictly."""
+        from ..checkpoint import save_safetensors
+
+        out = Path(path)
+        save_safetensors(
+            self.export_state(),
+            out,
+            config=self.model.config,
+            extra_metadata={"train_step": str(self.step)},
+        )
+        return out
+
+    def fit(self, progress: bool = True, stop_at: int | None = None) -> None:
+        """Trains to ``cfg.steps`` (resuming from the run folder's checkpoint if there is one).
+
+        ``stop_at`` ends this call early at that step with a checkpoint written, for runs split
+        over several sessions; the schedule still follows ``cfg.steps``.
+        """
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        ckpt = self.out / "checkpoint.pt"
+        if ckpt.exists():
+            self.load_checkpoint(ckpt)
+            logger.info("resumed from %s at step %d", ckpt, self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not progress)
+        window: list[dict[str, float]] = []
+        t0 = time.time()
+        end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+        while self.step < end:
+            stats = self.train_step()
+            window.append(stats)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+                mean.update(step=self.step, seconds=time.time() - t0)
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    mean.update(self.validate())
+                with open(self.log_path, "a") as fh:
+                    fh.write(json.dumps(mean) + "\n")
+                bar.set_postfix(
+                    loss=f"{mean['r0_loss']:.3f}",
+                    iou=f"{mean.get('rlast_iou', mean['r0_iou']):.3f}",
+                )
+                window = []
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+
+
+class Trainer(TrainerBase):
     """Trains the neck, prompt encoder and mask decoder of ``model`` on a feature cache."""
 
     def __init__(self, model: Sam, config: TrainConfig, cache: FeatureCache) -> None:
-        self.model = model
-        self.cfg = config
-        self.cache = cache
-        self.out = Path(config.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if config.mode != "cached":
+            raise ValueError(f"Trainer trains on a feature cache; mode is {config.mode!r}")
         enc = model.image_encoder
         if not hasattr(enc, "forward_features"):
             raise ValueError("cached-feature training needs an encoder with forward_features")
         for p in enc.backbone.parameters():
             p.requires_grad_(False)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.step = 0
-        self.rng = np.random.default_rng(config.seed)
+        super().__init__(model, config, cache.mask_size)
+        self.cache = cache
         self.train_idx, self.val_idx = split_indices(len(cache), config.val_fraction, config.seed)
         self.usable = self._usable_masks()
-        self.log_path = self.out / "log.jsonl"
 
     # ---------------------------------------------------------------- data
     def _usable_masks(self) -> dict[int, list[int]]:
@@ -158,265 +490,44 @@ class Trainer:
             valid.extend([v] * len(ids))
         return feats, np.stack(gts), np.stack(valid)
 
-    # ---------------------------------------------------------------- model pieces
     def _embed(self, feats: list[torch.Tensor], per_image: int):
+        feats = [f.to(self.device) for f in feats]
         emb, hr = self.model.image_encoder.forward_features(feats)
         rep = lambda t: t.repeat_interleave(per_image, dim=0)  # noqa: E731
         return rep(emb), [rep(h) for h in hr]
 
-    def _decode(self, emb, hr, points, boxes, mask_in, multimask: bool):
-        pe = self.model.prompt_encoder
-        sparse, dense = pe(points=points, boxes=boxes, masks=mask_in)
-        return self.model.mask_decoder(
-            image_embeddings=emb,
-            image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-            high_res_features=hr,
-        )
-
-    def _frame_scale(self) -> float:
-        """Model input pixels per mask-frame pixel."""
-        return self.model.img_size / self.cache.mask_size
-
-    def _to_input(self, xy: np.ndarray) -> np.ndarray:
-        """Mask-frame pixel centres -> model input coordinates (as the predictor passes them)."""
-        s = self._frame_scale()
-        return xy * s + (s - 1) / 2
-
-    def _upsample(self, low: torch.Tensor) -> torch.Tensor:
-        size = self.cache.mask_size
-        return F.interpolate(low.float(), (size, size), mode="bilinear", align_corners=False)
-
-    # ---------------------------------------------------------------- one step
-    def _rollout(
-        self,
-        emb,
-        hr,
-        gts: np.ndarray,
-        valid: np.ndarray,
-        n_rounds: int,
-        train: bool,
-        kind: str | None = None,
-        center_prob: float | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float], list[float]]:
-        """Round 0 + ``n_rounds`` corrective rounds; loss on round 0 and the last round."""
-        cfg = self.cfg
-        n = len(gts)
-        cp = cfg.center_click_prob if center_prob is None else center_prob
-        if kind is None:
-            kind = str(self.rng.choice(["point", "box", "mask"], p=list(cfg.prompt_probs)))
-        targets = torch.from_numpy(gts.astype(np.float32))
-        clicks: list[list[tuple[float, float, int]]] = [[] for _ in range(n)]
-        boxes = mask_in = None
-        if kind == "point":
-            for j in range(n):
-                c = initial_click(gts[j], self.rng, cp)
-                clicks[j].append((c.x, c.y, 1))
-        elif kind == "box":
-            b = np.stack([noisy_box(g, self.rng) for g in gts])
-            s = self._frame_scale()
-            boxes = torch.as_tensor(b * s + (s - 1) / 2, dtype=torch.float)
-        else:
-            low = self.model.prompt_encoder.mask_input_size
-            mask_in = torch.from_numpy(
-                np.stack([noisy_mask_logits(g, self.rng, low) for g in gts])[:, None]
-            )
-        total = torch.zeros(())
-        stats: dict[str, float] = {}
-        ious: list[float] = []
-        prev_low = None
-        for r in range(n_rounds + 1):
-            points = self._points(clicks, pad=boxes is None)
-            multimask = kind == "point" and r == 0
-            with_grad = train and (r == 0 or r == n_rounds)
-            with (
-                torch.set_grad_enabled(with_grad),
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16),
-            ):
-                low, iou_pred = self._decode(emb, hr, points, boxes, mask_in, multimask)
-                logits = self._upsample(low)
-                if with_grad:
-                    loss, st = sam_loss(logits, iou_pred, targets, best_of_candidates=multimask)
-                    total = total + loss
-                    for k, v in st.items():
-                        stats[f"r{0 if r == 0 else 'last'}_{k}"] = v
-            with torch.no_grad():
-                best = iou_pred.float().argmax(1) if multimask else torch.zeros(n, dtype=torch.long)
-                rows = torch.arange(n)
-                prev_low = low[rows, best].detach().float()[:, None]
-                chosen = logits[rows, best].detach()
-                ious.append(float(mask_iou(chosen, targets).mean()))
-                if r == n_rounds:
-                    break
-                pred = (chosen > 0).numpy()
-                for j in range(n):
-                    nxt = corrective_click(gts[j], pred[j], self.rng, cp, valid[j])
-                    if nxt is None:  # perfect: click again on the object centre (harmless)
-                        nxt = initial_click(gts[j], self.rng, 1.0)
-                    clicks[j].append((nxt.x, nxt.y, int(nxt.positive)))
-                mask_in = prev_low
-        return total, stats, ious
-
-    def _points(self, clicks, pad: bool):
-        if not clicks[0]:
-            return None
-        xy = np.array([[c[:2] for c in cl] for cl in clicks], dtype=np.float64)
-        lab = np.array([[c[2] for c in cl] for cl in clicks], dtype=np.int64)
-        coords = torch.as_tensor(self._to_input(xy), dtype=torch.float)
-        return coords, torch.as_tensor(lab, dtype=torch.int)
-
-    def lr_at(self, step: int) -> float:
-        cfg = self.cfg
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
-
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
+    # ---------------------------------------------------------------- hooks
+    def _set_train_mode(self) -> None:
         self.model.train()
         self.model.image_encoder.backbone.eval()
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
-        self.opt.zero_grad(set_to_none=True)
-        agg: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
-            imgs, mask_ids, flips = self._sample_batch(self.train_idx)
-            feats, gts, valid = self._load(imgs, mask_ids, flips)
-            n_rounds = int(self.rng.integers(0, cfg.max_click_rounds + 1))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                emb, hr = self._embed(feats, cfg.masks_per_image)
-            loss, stats, _ = self._rollout(emb, hr, gts, valid, n_rounds, train=True)
-            (loss / cfg.grad_accum).backward()
-            for k, v in stats.items():
-                agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.opt.step()
-        self.step += 1
-        agg["grad_norm"] = float(grad_norm)
-        agg["lr"] = self.lr_at(self.step - 1)
-        return agg
 
-    @torch.no_grad()
-    def validate(self, n_clicks: int = 5) -> dict[str, float]:
-        """Held-out images, evaluation-protocol clicks (innermost error point), no flips."""
-        self.model.eval()
-        state = self.rng.bit_generator.state
-        self.rng = np.random.default_rng(999)
-        curves, box_ious = [], []
+    def _train_batch(self):
+        imgs, mask_ids, flips = self._sample_batch(self.train_idx)
+        feats, gts, valid = self._load(imgs, mask_ids, flips)
+        with self._autocast():
+            emb, hr = self._embed(feats, self.cfg.masks_per_image)
+        return emb, hr, gts, valid
+
+    def _val_batches(self):
         pool = [int(i) for i in self.val_idx if int(i) in self.usable]
         per_img = max(1, math.ceil(self.cfg.val_masks / max(1, len(pool))))
+        done = 0
         for i in pool:
             ids = self.usable[i][:per_img]
             feats, gts, valid = self._load([i], [ids], [False])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            with self._autocast():
                 emb, hr = self._embed(feats, len(ids))
-            _, _, ious = self._rollout(
-                emb, hr, gts, valid, n_clicks - 1, train=False, kind="point", center_prob=1.0
-            )
-            curves.append(ious)
-            _, _, bious = self._rollout(emb, hr, gts, valid, 0, train=False, kind="box")
-            box_ious.append(bious[0])
-            if (
-                sum(len(self.usable[k][:per_img]) for k in pool[: len(curves)])
-                >= self.cfg.val_masks
-            ):
+            yield emb, hr, gts, valid
+            done += len(ids)
+            if done >= self.cfg.val_masks:
                 break
-        self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = state
-        arr = np.array(curves)
-        out = {f"val_miou@{k + 1}": float(arr[:, k].mean()) for k in range(arr.shape[1])}
-        out["val_box_miou"] = float(np.mean(box_ious))
-        return out
 
-    # ---------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {
             k: v
             for k, v in self.model.state_dict().items()
             if not k.startswith("image_encoder.backbone.")
         }
-
-    def save_checkpoint(self, path: Path | None = None) -> Path:
-        path = path or self.out / "checkpoint.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "step": self.step,
-                "model": self.trainable_state(),
-                "optimizer": self.opt.state_dict(),
-                "rng": self.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "config": dataclasses.asdict(self.cfg),
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
-        return path
-
-    def load_checkpoint(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
-        bad = [k for k in missing if not k.startswith("image_encoder.backbone.")]
-        if bad or unexpected:
-            raise ValueError(f"checkpoint {path} does not match the model: {bad} {unexpected}")
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.step = int(ckpt["step"])
-        self.rng.bit_generator.state = ckpt["rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
-
-    def export(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the whole model (backbone included) as ``.safetensors`` with its config, so
-        ``segany.build_model(checkpoint=path)`` loads it strictly."""
-        from ..checkpoint import save_safetensors
-
-        out = Path(path)
-        save_safetensors(
-            self.model, out, config=self.model.config, extra_metadata={"train_step": str(self.step)}
-        )
-        return out
-
-    def fit(self, progress: bool = True, stop_at: int | None = None) -> None:
-        """Trains to ``cfg.steps`` (resuming from the run folder's checkpoint if there is one).
-
-        ``stop_at`` ends this call early at that step with a checkpoint written, for runs split
-        over several sessions; the schedule still follows ``cfg.steps``.
-        """
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        ckpt = self.out / "checkpoint.pt"
-        if ckpt.exists():
-            self.load_checkpoint(ckpt)
-            logger.info("resumed from %s at step %d", ckpt, self.step)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not progress)
-        window: list[dict[str, float]] = []
-        t0 = time.time()
-        end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-        while self.step < end:
-            stats = self.train_step()
-            window.append(stats)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-                mean.update(step=self.step, seconds=time.time() - t0)
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                    mean.update(self.validate())
-                with open(self.log_path, "a") as fh:
-                    fh.write(json.dumps(mean) + "\n")
-                bar.set_postfix(
-                    loss=f"{mean['r0_loss']:.3f}",
-                    iou=f"{mean.get('rlast_iou', mean['r0_iou']):.3f}",
-                )
-                window = []
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                self.save_checkpoint()
-        bar.close()
 
 
 def build_training_model(config: TrainConfig) -> Sam:

@@ -1,4 +1,4 @@
-"""The ``segany`` command line: segment, auto, models, convert.
+"""The ``segany`` command line: segment, auto, models, convert, train, eval, serve.
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors); output files
 are written atomically, so a failed run leaves no partial file behind.
@@ -201,6 +201,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-mask-region-area", type=int, default=0)
     _model_args(e)
 
+    v = sub.add_parser(
+        "serve",
+        help="HTTP API and browser annotation page (needs the 'server' extra)",
+        description="Serves the JSON API under /v1 (OpenAPI schema at /openapi.json) and the "
+        "annotation page at /. Binds to 127.0.0.1 unless --host says otherwise. Without "
+        "--model/--checkpoint it runs the bundled segany-lite model.",
+    )
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    v.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key in the X-API-Key header (default: $SEGANY_API_KEY, else none)",
+    )
+    v.add_argument("--cache-dir", help="on-disk embedding cache, kept across restarts")
+    v.add_argument(
+        "--cache-mb", type=int, default=1024, help="memory bound of the embedding cache (MiB)"
+    )
+    v.add_argument("--max-upload-mb", type=int, default=32, help="largest request body (MiB)")
+    v.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow cross-origin requests from ORIGIN (repeatable; default: CORS off)",
+    )
+    v.add_argument("--workers", type=int, default=1, help="model worker threads")
+    v.add_argument("--queue", type=int, default=64, help="requests allowed to wait (then 503)")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait (503)")
+    _model_args(v)
+
     sub.add_parser("models", help="list the registered model variants")
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors (strictly checked)")
@@ -379,6 +410,40 @@ def cmd_auto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from .server import ServerSettings, create_app
+    except ModuleNotFoundError as exc:
+        raise CliError(f"segany serve needs {exc.name}: pip install 'segany[server]'") from exc
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be within 1..65535, got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SEGANY_API_KEY")
+    settings = ServerSettings(
+        max_upload_bytes=args.max_upload_mb * 2**20,
+        cache_bytes=args.cache_mb * 2**20,
+        cache_dir=args.cache_dir,
+        api_key=api_key or None,
+        cors_origins=tuple(args.cors_origin),
+        workers=args.workers,
+        max_queue=args.queue,
+        timeout_s=args.timeout,
+        **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}),
+    )
+    model = _load_model(args)
+    app = create_app(model, settings, model_name=args.model)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logger.warning("serving on %s without an API key (--api-key)", args.host)
+    print(f"segany: serving on http://{args.host}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning"
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .registry import DEFAULT_MODEL, bundled_weights_path, list_models
 
@@ -533,6 +598,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "train": cmd_train,
     "eval": cmd_eval,
+    "serve": cmd_serve,
 }
 
 

@@ -1,0 +1,93 @@
+"""Model work off the event loop: a thread pool with a bounded queue and a waiting limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ServerBusy(Exception):
+    """The queue is full, or the request waited too long: answered with 503."""
+
+
+class ModelRunner:
+    """Runs blocking model calls in ``workers`` threads.
+
+    At most ``workers + max_queue`` calls are admitted at a time; the next one raises
+    :class:`ServerBusy` at once. An admitted call that has not finished after ``timeout_s``
+    raises :class:`ServerBusy` too: if it has not started it is dropped from the queue, if it is
+    running it finishes in the background (a thread cannot be interrupted) and its result is
+    discarded.
+    """
+
+    def __init__(self, workers: int = 1, max_queue: int = 64, timeout_s: float = 60.0) -> None:
+        self.workers = workers
+        self.max_pending = workers + max_queue
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segany-model")
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.rejected = self.timed_out = 0
+
+    @property
+    def pending(self) -> int:
+        """Calls admitted and not finished (queued + running)."""
+        return self._pending
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "workers": self.workers,
+            "pending": self._pending,
+            "max_pending": self.max_pending,
+            "rejected": self.rejected,
+            "timed_out": self.timed_out,
+        }
+
+    def _release(self, _: Future[Any]) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
+        """``fn(*args)`` in a worker thread, under ``torch.no_grad``."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                self.rejected += 1
+                raise ServerBusy(
+                    f"server busy: {self._pending} requests are queued or running; retry later"
+                )
+            self._pending += 1
+        try:
+            future = self._pool.submit(_no_grad, fn, *args)
+        except RuntimeError as exc:  # the pool was shut down
+            with self._lock:
+                self._pending -= 1
+            raise ServerBusy("server is shutting down") from exc
+        future.add_done_callback(self._release)
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
+        except asyncio.TimeoutError:
+            future.cancel()
+            with self._lock:
+                self.timed_out += 1
+            raise ServerBusy(
+                f"the request waited more than {limit:g} s for the model; retry later"
+            ) from None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _no_grad(fn: Callable[..., T], *args: Any) -> T:
+    with torch.no_grad():  # grad mode is per thread
+        return fn(*args)

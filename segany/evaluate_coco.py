@@ -143,14 +143,14 @@ def _group_samples(dataset: Any) -> list[tuple[Path, list[Any]]]:
 
 def _load_group(image_path: Path, samples: list[Any], max_pixels: int | None) -> ImageTargets:
     """Reads an image once and all its masks (empty masks are skipped with a warning)."""
-    from .data import DatasetError, _load_gt, _load_image, _mask_source, load_mask
+    from .data import DatasetError, _load_image, _mask_source, load_mask, load_sample_mask
 
     image = _load_image(image_path, max_pixels)
     hw = image.shape[:2]
     masks, crowd = [], []
     ignore: np.ndarray | None = None
     for s in samples:
-        mask = _load_gt(s)
+        mask = load_sample_mask(s)
         if mask.shape != hw:
             raise DatasetError(
                 _mask_source(s),

@@ -15,8 +15,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, HTTPException, Request, Security, UploadFile
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
@@ -102,6 +103,26 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
+_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key")
+
+
+async def require_api_key(
+    request: Request, key: Annotated[str | None, Security(_key_header)]
+) -> None:
+    """401 unless the X-API-Key header equals the configured key (constant-time compare)."""
+    expected: str | None = request.app.state.service.settings.api_key
+    if expected is None:
+        return
+    # Header values arrive decoded as latin-1: encoding back gives the bytes on the wire.
+    given = (key or "").encode("latin-1", "replace")
+    if not hmac.compare_digest(given, expected.encode("utf-8")):
+        raise HTTPException(
+            401,
+            f"missing or wrong API key (send it in the {API_KEY_HEADER} header)",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )
+
+
 def create_app(
     model: Sam | None = None,
     settings: ServerSettings | None = None,
@@ -148,6 +169,20 @@ def create_app(
     async def _busy(_: Request, exc: ServerBusy) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "1"})
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back, which may be huge or not even
+        # representable in JSON (NaN); the location and message say enough.
+        errors = [
+            {
+                "loc": [str(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, 422)
+
     @app.exception_handler(MemoryError)
     async def _memory(_: Request, exc: MemoryError) -> JSONResponse:
         logger.warning("out of memory: %s", exc)
@@ -162,21 +197,7 @@ def create_app(
         return JSONResponse({"detail": f"internal error (reference {ref} in the server log)"}, 500)
 
     # ------------------------------------------------------------------ security
-    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key")
-
-    async def require_key(key: Annotated[str | None, Depends(key_header)]) -> None:
-        expected = settings.api_key
-        if expected is None:
-            return
-        given = (key or "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, expected.encode("utf-8", "surrogateescape")):
-            raise HTTPException(
-                401,
-                f"missing or wrong API key (send it in the {API_KEY_HEADER} header)",
-                headers={"WWW-Authenticate": API_KEY_HEADER},
-            )
-
-    secured = [Depends(require_key)] if settings.api_key is not None else []
+    secured = [Security(require_api_key)] if settings.api_key is not None else []
     v1 = APIRouter(prefix="/v1", dependencies=secured, responses=_errors(401, 503))
 
     async def run(fn: Callable[..., Any], *args: Any) -> Any:

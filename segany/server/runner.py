@@ -24,10 +24,10 @@ class ModelRunner:
     """Runs blocking model calls in ``workers`` threads.
 
     At most ``workers + max_queue`` calls are admitted at a time; the next one raises
-    :class:`ServerBusy` at once. An admitted call that has not finished after ``timeout_s``
-    raises :class:`ServerBusy` too: if it has not started it is dropped from the queue, if it is
-    running it finishes in the background (a thread cannot be interrupted) and its result is
-    discarded.
+    :class:`ServerBusy` at once. An admitted call that has not started after ``timeout_s``
+    (all workers busy) is dropped from the queue and raises :class:`ServerBusy` too. A call
+    that has started runs to the end: the work a request may ask for is bounded by the
+    server's limits, and a thread cannot be interrupted anyway.
     """
 
     def __init__(self, workers: int = 1, max_queue: int = 64, timeout_s: float = 60.0) -> None:
@@ -74,14 +74,17 @@ class ModelRunner:
             raise ServerBusy("server is shutting down") from exc
         future.add_done_callback(self._release)
         limit = self.timeout_s if timeout_s is None else timeout_s
+        result = asyncio.wrap_future(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
+            return await asyncio.wait_for(asyncio.shield(result), limit)
         except asyncio.TimeoutError:
-            future.cancel()
+            if not future.cancel():  # already running: let it finish
+                return await result
             with self._lock:
                 self.timed_out += 1
             raise ServerBusy(
-                f"the request waited more than {limit:g} s for the model; retry later"
+                f"server busy: the request waited more than {limit:g} s for the model; "
+                "retry later"
             ) from None
 
     def shutdown(self) -> None:

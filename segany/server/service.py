@@ -75,8 +75,7 @@ class SegmentService:
             raise ImageTooLarge(f"image is too large: {exc}") from exc
         except UnidentifiedImageError as exc:
             raise UnsupportedImage(
-                "not an image in a supported format; expected one of "
-                + ", ".join(ALLOWED_FORMATS)
+                "not an image in a supported format; expected one of " + ", ".join(ALLOWED_FORMATS)
             ) from exc
         except Exception as exc:  # Pillow raises many types for corrupt headers
             raise ValueError(f"corrupt image header: {exc}") from exc

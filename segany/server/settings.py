@@ -36,7 +36,7 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  #: origins allowed by CORS; empty = CORS off
     workers: int = 1  #: threads running model work (each uses torch's intra-op threads)
     max_queue: int = 64  #: requests waiting for a worker beyond this get 503 at once
-    timeout_s: float = 60.0  #: a request waiting longer than this for the model gets 503
+    timeout_s: float = 30.0  #: a request waiting longer than this for a worker gets 503
     max_prompt_points: int = 100  #: points per predict request
     max_points_per_side: int = 64  #: "segment everything" grid limit
     max_crop_layers: int = 2  #: "segment everything" crop layers limit

@@ -135,11 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train or fine-tune a model on cached encoder features",
-        description="Builds the feature cache from the config's 'data' folders if needed, then "
-        "trains (resuming from OUT_DIR/checkpoint.pt if present) and exports OUT_DIR/model.safetensors.",
+        help="train or fine-tune a model (cached encoder features or raw images)",
+        description="Trains with the SAM recipe as the config says: mode 'cached' builds the "
+        "feature cache from the config's 'data' if needed and trains after the frozen backbone; "
+        "mode 'images' runs the encoder on augmented images (trainable parts, LoRA adapters). "
+        "Resumes from OUT_DIR/checkpoint.pt if present; exports OUT_DIR/model.safetensors "
+        "(and OUT_DIR/lora.safetensors with LoRA).",
     )
-    t.add_argument("config", help="training config JSON (see configs/segany_lite.json)")
+    t.add_argument(
+        "config",
+        help="training config JSON (see configs/segany_lite.json, configs/finetune_vit_b_lora.json)",
+    )
     t.add_argument("--steps", type=int, help="override the number of steps")
     t.add_argument("--out-dir", help="override the run folder")
     t.add_argument(
@@ -147,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="stop this session at that step with a checkpoint (rerun the command to resume)",
     )
-    t.add_argument("--cache-dir", help="override the feature cache folder")
+    t.add_argument("--cache-dir", help="override the feature cache folder (mode 'cached')")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser(
@@ -472,33 +478,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.cache import FeatureCache, build_cache, records_from_datasets
-    from .train.trainer import TrainConfig, Trainer, build_training_model
+    from .train import TrainConfig, make_trainer
 
     cfg = TrainConfig.from_json(args.config)
     for key in ("steps", "out_dir", "cache_dir"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    cache_dir = Path(cfg.cache_dir)
-    done = cache_dir / "done.npy"
-    if not done.exists() or not np.load(done).all():
-        if not cfg.data:
-            raise CliError(f"no complete feature cache in {cache_dir} and no 'data' to build it")
-        enc = cfg.model.get("image_encoder", {})
-        build_cache(
-            records_from_datasets(cfg.data),
-            cache_dir,
-            backbone=enc.get("backbone", "lite0"),
-            img_size=enc.get("img_size", 512),
-            progress=not args.no_progress,
-        )
-    trainer = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    trainer = make_trainer(cfg, progress=not args.no_progress)
     trainer.fit(progress=not args.no_progress, stop_at=args.stop_at)
     if trainer.step < cfg.steps:
         print(f"stopped at step {trainer.step} of {cfg.steps}; run again to resume")
         return 0
     out = trainer.export(Path(cfg.out_dir) / "model.safetensors")
-    print(f"wrote {out} (step {trainer.step})")
+    lora = out.with_name("lora.safetensors")
+    extra = f" and {lora}" if cfg.lora is not None else ""
+    print(f"wrote {out}{extra} (step {trainer.step})")
     return 0
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..transforms import preprocess_shape
@@ -44,17 +45,22 @@ def hflip(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """``K x H x W`` bool -> ``K x h x w`` bool: area coverage (linear when enlarging) >= 0.5."""
+    """``K x H x W`` bool -> ``K x h x w`` bool, kept where the resized coverage is >= 0.5.
+
+    Coverage is resized with the filter the image gets (bilinear, antialiased when shrinking,
+    as PIL's), so masks stay on their pixels.
+    """
     k, h0, w0 = masks.shape
     h, w = hw
     if (h, w) == (h0, w0):
         return masks.copy()
-    interp = cv2.INTER_AREA if h * w < h0 * w0 else cv2.INTER_LINEAR
     out = np.empty((k, h, w), dtype=bool)
-    for start in range(0, k, 256):  # cv2 takes at most 512 channels
-        chunk = masks[start : start + 256].transpose(1, 2, 0).astype(np.float32)
-        soft = cv2.resize(chunk, (w, h), interpolation=interp).reshape(h, w, -1)
-        out[start : start + 256] = soft.transpose(2, 0, 1) >= 0.5
+    for start in range(0, k, 8):  # bounded float memory for big frames
+        chunk = torch.from_numpy(masks[start : start + 8]).float()[None]
+        soft = F.interpolate(
+            chunk, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+        )
+        out[start : start + 8] = (soft[0] >= 0.5).numpy()
     return out
 
 

@@ -65,7 +65,6 @@ class ImageTrainer(TrainerBase):
         if self.lora_config is not None and "lora" not in groups:
             groups.append("lora")
         trainable = set_trainable(model, groups)
-        model.to(config.device)
         super().__init__(model, config, model.img_size // 2)
         self.trainable_names = trainable
         self.encoder_trainable = any(p.requires_grad for p in model.image_encoder.parameters())

@@ -128,7 +128,7 @@ class TrainerBase:
     """
 
     def __init__(self, model: Sam, config: TrainConfig, mask_size: int) -> None:
-        self.model = model
+        self.model = model.to(config.device)
         self.cfg = config
         self.device = torch.device(config.device)
         self.mask_size = mask_size  #: side of the square mask frame (losses and clicks)
@@ -531,22 +531,83 @@ class Trainer(TrainerBase):
 
 
 def build_training_model(config: TrainConfig) -> Sam:
-    """The model to train: pretrained backbone, fresh (or ``init_from``) neck and decoder."""
+    """The model to train, in the state training starts from.
+
+    ``config.model`` is a SamConfig dict or a registered name; ``config.init_from`` a weights
+    file (an official SAM ``.pth``, an exported ``.safetensors``), loaded strictly; without a
+    ``model`` the architecture comes from that file (embedded config or tensor shapes).
+
+    - A segany-lite config dict: pretrained EfficientNet backbone, fresh neck and decoder, then
+      ``init_from`` if given.
+    - Otherwise, with ``init_from`` (or the bundled weights of a registered name): those
+      weights, no random initialisation; without weights: a random model (for a lite encoder,
+      with the pretrained backbone).
+    """
     from ..modeling.config import LiteEncoderConfig, build_sam
     from ..modeling.efficientnet import load_pretrained_backbone
 
-    sam_cfg = SamConfig.from_dict(config.model) if config.model else None
-    if sam_cfg is None:
-        raise ValueError("the training config needs a 'model' section (a SamConfig dict)")
-    torch.manual_seed(config.seed)
-    model = build_sam(sam_cfg)
-    enc_cfg = sam_cfg.image_encoder
-    if isinstance(enc_cfg, LiteEncoderConfig):
-        pretrained = load_pretrained_backbone(enc_cfg.backbone)
-        model.image_encoder.backbone.load_state_dict(pretrained.state_dict())
-    if config.init_from:
-        from ..checkpoint import load_state_dict_strict, read_state_dict
+    if isinstance(config.model, dict) and config.model:
+        sam_cfg: SamConfig | None = SamConfig.from_dict(config.model)
+    elif isinstance(config.model, str):
+        from ..registry import get_model_spec
 
-        state, _ = read_state_dict(config.init_from)
-        load_state_dict_strict(model, state, config.init_from)
-    return model
+        sam_cfg = get_model_spec(config.model).config
+    else:
+        sam_cfg = None
+    if sam_cfg is None and not config.init_from:
+        raise ValueError(
+            "the training config needs a 'model' (a SamConfig dict or a registered model name) "
+            "or 'init_from' (a weights file)"
+        )
+    if (
+        isinstance(config.model, dict)
+        and sam_cfg is not None
+        and isinstance(sam_cfg.image_encoder, LiteEncoderConfig)
+    ):
+        torch.manual_seed(config.seed)
+        model = build_sam(sam_cfg)
+        enc_cfg = sam_cfg.image_encoder
+        if isinstance(enc_cfg, LiteEncoderConfig):
+            pretrained = load_pretrained_backbone(enc_cfg.backbone)
+            model.image_encoder.backbone.load_state_dict(pretrained.state_dict())
+        if config.init_from:
+            from ..checkpoint import load_state_dict_strict, read_state_dict
+
+            state, _ = read_state_dict(config.init_from)
+            load_state_dict_strict(model, state, config.init_from)
+        return model
+    return _build_from_weights(config, sam_cfg)
+
+
+def _build_from_weights(config: TrainConfig, sam_cfg: SamConfig | None) -> Sam:
+    from ..build import instantiate
+    from ..checkpoint import config_from_metadata, infer_config, read_state_dict
+    from ..modeling.config import LiteEncoderConfig, build_sam
+    from ..modeling.efficientnet import load_pretrained_backbone
+    from ..registry import bundled_weights_path, get_model_spec
+
+    weights: str | Path | None = config.init_from
+    if weights is None and isinstance(config.model, str):
+        weights = bundled_weights_path(config.model)
+        spec = get_model_spec(config.model)
+        if weights is None and spec.url:
+            raise ValueError(
+                f"model {spec.name!r} has no bundled weights: set 'init_from' to the official "
+                f"checkpoint ({spec.checkpoint_file} from {spec.url})"
+            )
+    if weights:
+        source = str(weights)
+        state, metadata = read_state_dict(source)
+        if sam_cfg is None:
+            sam_cfg = config_from_metadata(metadata, source) or infer_config(state, source)
+        model = instantiate(sam_cfg, state, source)
+    else:
+        assert sam_cfg is not None
+        logger.warning("no weights to start from: training a randomly initialised model")
+        torch.manual_seed(config.seed)
+        model = build_sam(sam_cfg)
+        if isinstance(sam_cfg.image_encoder, LiteEncoderConfig):
+            pretrained = load_pretrained_backbone(sam_cfg.image_encoder.backbone)
+            model.image_encoder.backbone.load_state_dict(pretrained.state_dict())
+    torch.manual_seed(config.seed)  # adapters and dropout start from the seed
+    return model.train()

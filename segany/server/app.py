@@ -198,7 +198,8 @@ def create_app(
 
     # ------------------------------------------------------------------ security
     secured = [Security(require_api_key)] if settings.api_key is not None else []
-    v1 = APIRouter(prefix="/v1", dependencies=secured, responses=_errors(401, 503))
+    # Any request may be refused for its body (400 unreadable, 413 too large) or load (503).
+    v1 = APIRouter(prefix="/v1", dependencies=secured, responses=_errors(400, 401, 413, 503))
 
     async def run(fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -217,7 +218,12 @@ def create_app(
         return entry
 
     # ------------------------------------------------------------------ routes
-    @app.get("/v1/health", response_model=HealthResponse, tags=["server"])
+    @app.get(
+        "/v1/health",
+        response_model=HealthResponse,
+        tags=["server"],
+        responses=_errors(400, 413),
+    )
     async def health() -> dict[str, Any]:
         """Liveness, queue and cache figures (no API key needed)."""
         return {

@@ -34,7 +34,7 @@ class ModelRunner:
         self.workers = workers
         self.max_pending = workers + max_queue
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segany-model")
+        self._pool: ThreadPoolExecutor | None = None  # started on first use, again after shutdown
         self._pending = 0
         self._lock = threading.Lock()
         self.rejected = self.timed_out = 0
@@ -67,8 +67,13 @@ class ModelRunner:
                 )
             self._pending += 1
         try:
-            future = self._pool.submit(_no_grad, fn, *args)
-        except RuntimeError as exc:  # the pool was shut down
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max_workers=self.workers, thread_name_prefix="segany-model"
+                    )
+                future = self._pool.submit(_no_grad, fn, *args)
+        except RuntimeError as exc:  # the interpreter is shutting down
             with self._lock:
                 self._pending -= 1
             raise ServerBusy("server is shutting down") from exc
@@ -88,7 +93,12 @@ class ModelRunner:
             ) from None
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stops the worker threads (queued calls are cancelled); a later call starts new ones,
+        so an app can be started again (tests, servers that restart the app)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _no_grad(fn: Callable[..., T], *args: Any) -> T:

@@ -63,6 +63,16 @@ class PredictRequest(_Strict):
     """Prompts for one object: points and/or a box and/or the low-res logits of a previous
     answer. Without any prompt the request is refused."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"points": [[10, 10]], "labels": [1]},
+                {"points": [[10, 10], [30, 20]], "labels": [1, 0], "multimask_output": False},
+                {"box": [5, 5, 40, 30], "return_low_res_logits": True},
+            ]
+        }
+    )
+
     points: list[Point] = Field(default_factory=list, max_length=1000)
     labels: list[Label] = Field(
         default_factory=list, max_length=1000, description="1 positive, 0 negative; one per point"
@@ -110,6 +120,15 @@ class PredictResponse(BaseModel):
 
 class EverythingRequest(_Strict):
     """Parameters of the automatic mask generator (see segany.AutomaticMaskGenerator)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+                {"points_per_side": 4, "crop_n_layers": 1, "min_mask_region_area": 20},
+            ]
+        }
+    )
 
     points_per_side: int = Field(default=32, ge=1, le=256)
     points_per_batch: int = Field(

@@ -265,7 +265,8 @@
   function fitCanvases() {
     if (!S.image) return;
     const box = els.stage.getBoundingClientRect();
-    scale = Math.min(1, (box.width - 20) / S.image.width, (box.height - 20) / S.image.height);
+    // Fit the stage; small images are enlarged (at most 4x) so that they can be clicked.
+    scale = Math.min(4, (box.width - 20) / S.image.width, (box.height - 20) / S.image.height);
     scale = Math.max(scale, 0.05);
     const w = `${Math.round(S.image.width * scale)}px`, h = `${Math.round(S.image.height * scale)}px`;
     for (const c of [els.image, els.mask, els.ui]) {

@@ -136,7 +136,7 @@ def test_only_adapters_get_gradients(inputs):
 def test_trainable_groups_keep_wrapped_bases_frozen():
     model = _base()
     add_lora(model, LoRAConfig(targets=("attn.qkv",)))
-    names = set_trainable(model, ["decoder", "lora"])
+    names = set_trainable(model, ["decoder+lora"])
     assert all(n.startswith(("prompt_encoder.", "mask_decoder.")) or "lora_" in n for n in names)
     names = set_trainable(model, "all")
     assert "image_encoder.blocks.0.attn.qkv.weight" not in names  # adapter base stays frozen

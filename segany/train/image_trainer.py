@@ -55,13 +55,12 @@ class ImageTrainer(TrainerBase):
         if self.lora_config is not None and not lora_modules(model):
             names = add_lora(model, self.lora_config)
             logger.info("LoRA adapters on %d layers", len(names))
-        groups = list(
-            DEFAULT_TRAINABLE
-            if config.trainable is None
-            else [config.trainable]
-            if isinstance(config.trainable, str)
-            else config.trainable
-        )
+        if config.trainable is None:
+            groups = list(DEFAULT_TRAINABLE)
+        elif isinstance(config.trainable, str):
+            groups = config.trainable.split("+")
+        else:
+            groups = [g for item in config.trainable for g in item.split("+")]
         if self.lora_config is not None and "lora" not in groups:
             groups.append("lora")
         trainable = set_trainable(model, groups)

@@ -254,8 +254,10 @@ def set_trainable(model: nn.Module, groups: str | Sequence[str]) -> list[str]:
     parameter names. Several groups may be given as a list or joined with ``+``. The base
     weights of adapter-wrapped layers stay frozen whatever the groups say.
     """
-    if isinstance(groups, str):
-        groups = [g for g in groups.split("+") if g]
+    groups = [
+        g for item in ([groups] if isinstance(groups, str) else groups) for g in item.split("+")
+    ]
+    groups = [g for g in groups if g.strip()]
     names = [n for n, _ in model.named_parameters()]
     enc = model.get_submodule("image_encoder") if hasattr(model, "image_encoder") else None
     neck_prefixes: tuple[str, ...]

@@ -47,8 +47,12 @@ class CachedImage:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.features, *(self.high_res or ())]
-        return len(self.data) + sum(t.numel() * t.element_size() for t in tensors)
+        """Memory held: the file plus the tensors' storages (a view keeps its whole base)."""
+        storages = {}
+        for t in (self.features, *(self.high_res or ())):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = max(storage.nbytes(), t.numel() * t.element_size())
+        return len(self.data) + sum(storages.values())
 
     @property
     def original_size(self) -> tuple[int, int]:

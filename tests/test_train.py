@@ -197,3 +197,29 @@ def test_resume_continues_exactly(cache_dir, tmp_path):
         torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
     log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8] and "val_miou@1" in log[-1]
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch, every):
+    import segany.train.trainer as T
+
+    cfg = _config(cache_dir, tmp_path / "run", loss_every_round=every)
+    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    seen: list[float] = []
+    real = T.sam_loss
+
+    def counting(*args, **kwargs):
+        loss, st = real(*args, **kwargs)
+        seen.append(float(loss))
+        return loss, st
+
+    monkeypatch.setattr(T, "sam_loss", counting)
+    imgs, mask_ids, flips = tr._sample_batch(tr.train_idx)
+    feats, gts, valid = tr._load(imgs, mask_ids, flips)
+    emb, hr = tr._embed(feats, cfg.masks_per_image)
+    total, _, ious = tr._rollout(emb, hr, gts, valid, 3, train=True, kind="point")
+    assert len(ious) == 4
+    assert len(seen) == (4 if every else 2)
+    expected = sum(seen) * (2 / 4 if every else 1)  # every-round loss keeps two rounds' weight
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert total.requires_grad

@@ -58,6 +58,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     max_click_rounds: int = 8  #: extra rounds after round 0 (uniform 0..max, no grad but last)
+    #: loss (and gradient) on every round, not only round 0 and the last: more signal for the
+    #: single-mask token that refinement uses, at the cost of a backward pass per round
+    loss_every_round: bool = False
     prompt_probs: tuple[float, float, float] = (0.55, 0.3, 0.15)  #: point, box, rough mask
     center_click_prob: float = 0.5  #: innermost-error clicks vs uniform error clicks
     min_mask_pixels: int = 16  #: masks smaller than this (at the mask frame) are not sampled
@@ -208,7 +211,8 @@ class TrainerBase:
         kind: str | None = None,
         center_prob: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, float], list[float]]:
-        """Round 0 + ``n_rounds`` corrective rounds; loss on round 0 and the last round."""
+        """Round 0 + ``n_rounds`` corrective rounds; loss on round 0 and the last round (on
+        every round with ``loss_every_round``, rescaled to the weight of two rounds)."""
         cfg = self.cfg
         dev = self.device
         n = len(gts)
@@ -238,7 +242,7 @@ class TrainerBase:
         for r in range(n_rounds + 1):
             points = self._points(clicks, pad=boxes is None)
             multimask = kind == "point" and r == 0
-            with_grad = train and (r == 0 or r == n_rounds)
+            with_grad = train and (r == 0 or r == n_rounds or cfg.loss_every_round)
             with torch.set_grad_enabled(with_grad), self._autocast():
                 low, iou_pred = self._decode(emb, hr, points, boxes, mask_in, multimask)
                 logits = self._upsample(low)
@@ -266,6 +270,8 @@ class TrainerBase:
                         nxt = initial_click(gts[j], self.rng, 1.0)
                     clicks[j].append((nxt.x, nxt.y, int(nxt.positive)))
                 mask_in = prev_low
+        if train and cfg.loss_every_round and n_rounds > 1:
+            total = total * (2.0 / (n_rounds + 1))
         return total, stats, ious
 
     def _points(self, clicks, pad: bool):

@@ -279,14 +279,14 @@ def create_app(
         data = await file.read()
         if not data:
             raise HTTPException(422, "the uploaded file is empty")
-        key = image_id(data)
+        key = await run_in_threadpool(image_id, data)  # hashing 30 MB takes a while
         name = (file.filename or "")[:1000]
         entry = service.cache.get(key)
         elapsed = 0.0
         cached = entry is not None
         if entry is None:
             try:
-                service.check_header(data)
+                await run_in_threadpool(service.check_header, data)
             except UnsupportedImage as exc:
                 raise HTTPException(415, str(exc)) from exc
             except ImageTooLarge as exc:

@@ -12,14 +12,14 @@ from torch import nn
 ONEDNN_LINEAR = True
 
 
-def _onednn_ok(x: torch.Tensor, layer: nn.Module) -> bool:
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         ONEDNN_LINEAR
         and x.device.type == "cpu"
-        and type(layer) is nn.Linear
+        and x.dim() == 2
         and x.dtype in (torch.float32, torch.bfloat16)
-        and layer.weight.dtype == x.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+        and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
@@ -27,31 +27,45 @@ def _onednn_ok(x: torch.Tensor, layer: nn.Module) -> bool:
 
 def fused_linear(
     x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then exact GELU if ``gelu``, then ``+ residual``.
+
+    Inference on CPU with an ``N x C_in`` x uses oneDNN's fused kernels; anything else
+    (autograd, other devices or dtypes) the plain ops, with the same result up to float
+    rounding.
+    """
+    if _onednn_ok(x, weight) and (residual is None or not gelu):
+        x = x.contiguous()
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual.contiguous(), weight, bias, "add"
+            )
+        return torch.ops.mkldnn._linear_pointwise(
+            x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+        )
+    out = F.linear(x, weight, bias)
+    if gelu:
+        out = F.gelu(out)
+    return out if residual is None else out + residual
+
+
+def apply_linear(
+    x: torch.Tensor,
     layer: nn.Module,
     *,
     gelu: bool = False,
     residual: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``layer(x)``, then exact GELU if ``gelu``, then ``+ residual``, for ``N x C_in`` x.
-
-    ``weight``/``bias`` override the layer's (a slice of them, e.g. a third of ``qkv``).
-    Inference on CPU uses oneDNN's fused kernels; anything else (autograd, other devices
-    or dtypes, layers swapped for quantised ones) the plain ops, with the same result up
-    to float rounding.
-    """
-    w = layer.weight if weight is None else weight
-    b = layer.bias if bias is None and weight is None else bias
-    if _onednn_ok(x, layer) and x.dim() == 2 and (residual is None or not gelu):
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(
-                x.contiguous(), residual.contiguous(), w, b, "add"
-            )
-        return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), w, b, "gelu" if gelu else "none", [], "none" if gelu else ""
-        )
-    out = F.linear(x, w, b) if weight is not None or type(layer) is nn.Linear else layer(x)
+    """:func:`fused_linear` with an ``nn.Linear``'s parameters; other modules standing in for
+    one (quantised, LoRA-wrapped) are called as they are."""
+    if type(layer) is nn.Linear:
+        return fused_linear(x, layer.weight, layer.bias, gelu=gelu, residual=residual)
+    out = layer(x)
     if gelu:
         out = F.gelu(out)
     return out if residual is None else out + residual

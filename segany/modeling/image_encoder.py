@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, fused_linear
+from .common import LayerNorm2d, MLPBlock, apply_linear, fused_linear
 
 
 class ImageEncoderViT(nn.Module):
@@ -151,7 +151,7 @@ class Block(nn.Module):
         y = self.norm1(x)
         windowed = self.window_size > 0
         y = self._windowed_attention(y) if windowed else self.attn.attend_grid(y)
-        flat = fused_linear(y.reshape(-1, c), self.attn.proj, residual=shortcut)
+        flat = apply_linear(y.reshape(-1, c), self.attn.proj, residual=shortcut)
         mlp = self.mlp
         exact_gelu = type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
         out = torch.empty_like(flat)
@@ -159,10 +159,10 @@ class Block(nn.Module):
             band = flat[i : i + MLP_CHUNK_TOKENS]
             hidden = self.norm2(band)
             if exact_gelu:
-                hidden = fused_linear(hidden, mlp.lin1, gelu=True)
+                hidden = apply_linear(hidden, mlp.lin1, gelu=True)
             else:
                 hidden = mlp.act(mlp.lin1(hidden))
-            out[i : i + MLP_CHUNK_TOKENS] = fused_linear(hidden, mlp.lin2, residual=band)
+            out[i : i + MLP_CHUNK_TOKENS] = apply_linear(hidden, mlp.lin2, residual=band)
         return out.view(b, h, w, c)
 
     def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,8 +260,7 @@ class Attention(nn.Module):
             weights = self.qkv.weight.chunk(3)
             biases = [None] * 3 if self.qkv.bias is None else self.qkv.bias.chunk(3)
             return tuple(  # type: ignore[return-value]
-                fused_linear(flat, self.qkv, weight=wt, bias=bt).view(*shape[:-1], -1)
-                for wt, bt in zip(weights, biases)
+                fused_linear(flat, wt, bt).view(*shape[:-1], -1) for wt, bt in zip(weights, biases)
             )
         return tuple(t.contiguous() for t in self.qkv(x).chunk(3, dim=-1))  # type: ignore[return-value]
 

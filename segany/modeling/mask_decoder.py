@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, fused_linear
 from .transformer import TwoWayTransformer
 
 
@@ -51,6 +52,9 @@ class MaskDecoder(nn.Module):
         # High-resolution encoder features added inside the upscaling path (as SAM 2 and
         # SAM-HQ do) for sharper boundaries; off for the official SAM checkpoints.
         self.use_high_res_features = use_high_res_features
+        #: Fast path (default): the upscaling runs as matrix products in a sub-pixel layout
+        #: and only the returned masks are computed. False: the reference computation.
+        self.fused = True
 
     def forward(
         self,
@@ -67,6 +71,16 @@ class MaskDecoder(nn.Module):
         ``high_res_features`` (models with ``use_high_res_features``) are
         ``[1|B x C/8 x 4h x 4w, 1|B x C/4 x 2h x 2w]``.
         """
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        if self.fused:
+            return self._predict_fast(
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                high_res_features,
+                sl,
+            )
         masks, iou_pred = self.predict_masks(
             image_embeddings,
             image_pe,
@@ -74,7 +88,6 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings,
             high_res_features,
         )
-        sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
 
     def predict_masks(
@@ -124,3 +137,80 @@ class MaskDecoder(nn.Module):
         _, uc, uh, uw = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, uc, uh * uw)).reshape(b, -1, uh, uw)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _predict_fast(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+        sl: slice,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_masks` for the mask tokens in ``sl`` only, with the upscaling
+        (two 2x2 stride-2 transposed convolutions) as matrix products over sub-pixels."""
+        dc1, ln1, act1, dc2, act2 = self.output_upscaling
+        plain = (
+            type(dc1) is nn.ConvTranspose2d
+            and type(dc2) is nn.ConvTranspose2d
+            and dc1.kernel_size == dc1.stride == dc2.kernel_size == dc2.stride == (2, 2)
+            and type(ln1) is LayerNorm2d
+            and type(act1) is nn.GELU
+            and type(act2) is nn.GELU
+            and act1.approximate == act2.approximate == "none"
+        )
+        if not plain:
+            masks, iou_pred = self.predict_masks(
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                high_res_features,
+            )
+            return masks[:, sl], iou_pred[:, sl]
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
+        )
+        if image_embeddings.shape[0] not in (1, b):
+            raise ValueError(
+                f"image_embeddings batch {image_embeddings.shape[0]} does not match {b} prompts"
+            )
+        src = image_embeddings + dense_prompt_embeddings
+        if src.shape[0] != b:
+            src = src.expand(b, -1, -1, -1)
+        pos_src = image_pe.expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, keys = self.transformer(src, pos_src, tokens)  # keys: B x hw x C
+        iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, sl]
+        token_ids = range(self.num_mask_tokens)[sl]
+        hyper_in = torch.stack(
+            [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in token_ids], dim=1
+        )  # B x M x C/8
+
+        # ConvTranspose2d(k=2, s=2): out[o, 2i+di, 2j+dj] = sum_c x[c, i, j] W[c, o, di, dj] + b[o]
+        # = one product with W as C x (di, dj, o); the result is B x h x w x 2 x 2 x C/4.
+        c1, c2 = dc1.out_channels, dc2.out_channels
+        w1 = dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (di, dj, o) x C
+        b1 = None if dc1.bias is None else dc1.bias.repeat(4)
+        y = fused_linear(keys.reshape(-1, c), w1, b1).view(b, h, w, 2, 2, c1)
+        if self.use_high_res_features:
+            if high_res_features is None:
+                raise ValueError("this mask decoder needs high_res_features from its encoder")
+            feat_s0, feat_s1 = high_res_features
+            # 1|B x C/4 x 2h x 2w -> 1|B x h x w x 2 x 2 x C/4
+            y = y + feat_s1.view(-1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1)
+        y = act1(F.layer_norm(y, (c1,), ln1.weight, ln1.bias, ln1.eps)).reshape(-1, c1)
+        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+        b2 = None if dc2.bias is None else dc2.bias.repeat(4)
+        if self.use_high_res_features:
+            z = fused_linear(y, w2, b2).view(b, h, w, 2, 2, 2, 2, c2)
+            # (i, j, di1, dj1, di2, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
+            z = act2(z + feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1))
+        else:
+            z = fused_linear(y, w2, b2, gelu=True)
+        masks = z.view(b, h * w * 16, c2) @ hyper_in.transpose(1, 2)  # B x sub-pixels x M
+        m = masks.shape[-1]
+        masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * h, 4 * w), iou_pred

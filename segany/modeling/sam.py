@@ -21,6 +21,8 @@ class Sam(nn.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
     config: Any = None  #: the SamConfig it was built from (set by ``build_sam``)
+    #: Upscale only the part of the low-res masks that survives the crop (same values).
+    fast_postprocess: bool = True
     image_encoder: Any  # ViT or lite encoder: both expose ``img_size``
 
     def __init__(
@@ -115,8 +117,19 @@ class Sam(nn.Module):
         Upscale to the padded model input, crop the padding, then resize to the original.
         """
         size = self.img_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        masks = masks[..., : int(input_size[0]), : int(input_size[1])]
+        in_h, in_w = int(input_size[0]), int(input_size[1])
+        low = masks.shape[-1]
+        if self.fast_postprocess and masks.shape[-2] == low and size % low == 0:
+            # Upscale only the low-res rows/columns the crop needs (+1 for the bilinear
+            # neighbour): the same scale factor and neighbours, hence the same values.
+            f = size // low
+            rh, rw = min(low, -(-in_h // f) + 1), min(low, -(-in_w // f) + 1)
+            masks = F.interpolate(
+                masks[..., :rh, :rw], (rh * f, rw * f), mode="bilinear", align_corners=False
+            )
+        else:
+            masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        masks = masks[..., :in_h, :in_w]
         return F.interpolate(
             masks,
             (int(original_size[0]), int(original_size[1])),

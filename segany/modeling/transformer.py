@@ -109,8 +109,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
         queries = self.norm3(queries + self.mlp(queries))
 
-        q = queries + query_pe
-        k = keys + key_pe
+        q = queries + query_pe  # keys are unchanged since k was computed
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
@@ -141,6 +140,14 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        nq, nk = q.shape[1], k.shape[1]
+        if self.fused and self._plain_linears():
+            # Few tokens on one side: fold the projections of the many-token side into the
+            # few tokens (rank heads*tokens instead of internal_dim). Same function, fewer FLOPs.
+            if nk * self.num_heads < self.internal_dim and nq > nk:
+                return self._few_keys(q, k, v)
+            if nq * self.num_heads < self.internal_dim and nk > nq:
+                return self._few_queries(q, k, v)
         q = self._split(self.q_proj(q))  # B x heads x Nq x d
         k = self._split(self.k_proj(k))
         v = self._split(self.v_proj(v))
@@ -151,3 +158,49 @@ class Attention(nn.Module):
             out = torch.softmax(attn, dim=-1) @ v
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def _plain_linears(self) -> bool:
+        return all(
+            type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
+        )
+
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Tokens attending to the image (Nq small, Nk large).
+
+        scores_h = Q_h (k Wk_h^T + bk_h)^T = (Q_h Wk_h) k^T + const per query row, and the
+        softmax ignores the constant; A_h (v Wv_h^T + bv_h) = (A_h v) Wv_h^T + bv_h as the
+        rows of A_h sum to 1. So no ``Nk x internal_dim`` projection is ever computed.
+        """
+        b, nq, c = q.shape
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self.q_proj(q).view(b, nq, h, d)
+        g = torch.einsum("bqhd,hdc->bhqc", qh, self.k_proj.weight.view(h, d, c))
+        scores = (g.reshape(b, h * nq, c) @ k.transpose(1, 2)) / math.sqrt(d)  # B x h*Nq x Nk
+        p = torch.softmax(scores, dim=-1) @ v  # B x h*Nq x C
+        o = torch.einsum("bhqc,hdc->bqhd", p.view(b, h, nq, c), self.v_proj.weight.view(h, d, c))
+        o = o + self.v_proj.bias.view(h, d)
+        return self.out_proj(o.reshape(b, nq, h * d))
+
+    def _few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The image attending to the tokens (Nq large, Nk small).
+
+        scores_h = (q Wq_h^T + bq_h) K_h^T = q (Wq_h^T K_h^T) + bq_h K_h^T and
+        out = sum_h A_h V_h Wo_h^T + bo: two ``Nq x C x heads*Nk`` products replace the q and
+        output projections.
+        """
+        b, nq, c = q.shape
+        nk = k.shape[1]
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self.k_proj(k).view(b, nk, h, d)
+        vh = self.v_proj(v).view(b, nk, h, d)
+        wq = self.q_proj.weight.view(h, d, c)
+        e = torch.einsum("bkhd,hdc->bhkc", kh, wq).reshape(b, h * nk, c)
+        e_bias = torch.einsum("bkhd,hd->bhk", kh, self.q_proj.bias.view(h, d)).reshape(b, -1, 1)
+        # Transposed scores, B x h*Nk x Nq: the softmax then runs over a strided axis of Nk,
+        # far faster than over a contiguous axis of a few elements.
+        scores = torch.baddbmm(e_bias, e, q.transpose(1, 2)) / math.sqrt(d)
+        attn = torch.softmax(scores.view(b, h, nk, nq), dim=2).view(b, h * nk, nq)
+        f = torch.einsum("bkhd,chd->bhkc", vh, self.out_proj.weight.view(c, h, d))
+        return torch.baddbmm(
+            self.out_proj.bias.view(1, 1, c), attn.transpose(1, 2), f.reshape(b, h * nk, c)
+        )

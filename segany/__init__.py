@@ -15,6 +15,7 @@ from typing import Any
 from .build import build_model
 from .checkpoint import CheckpointError, save_safetensors
 from .modeling import Sam, SamConfig, build_sam
+from .optimize import optimize
 from .predictor import Predictor
 from .registry import ModelSpec, get_model_spec, list_models, register_model
 
@@ -33,6 +34,7 @@ __all__ = [
     "get_model_spec",
     "list_models",
     "load_image",
+    "optimize",
     "register_model",
     "save_safetensors",
 ]

@@ -22,6 +22,7 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and not torch.compiler.is_compiling()  # torch.compile fuses on its own
     )
 
 

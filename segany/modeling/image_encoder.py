@@ -324,6 +324,11 @@ def rel_pos_attention(
     bs = max(1, min(b, budget // (nh * per_head)))  # windows (batch items) per call
     hs = nh if bs > 1 or nh * per_head <= budget else max(1, min(nh, budget // per_head))
     rows = h if hs > 1 or per_head <= budget else max(1, min(h, budget // (w * n)))
+    if torch.compiler.is_compiling():  # one bias, left to the compiler to fuse
+        bias = (rel_h[..., None] + rel_w[..., None, :]).contiguous()
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.view(b, nh, n, n), scale=scale
+        )
     if bs >= b and hs >= nh and rows >= h:
         bias = q.new_empty(b, nh, h, w, h, w)
         torch.add(rel_h[..., None], rel_w[..., None, :], out=bias)

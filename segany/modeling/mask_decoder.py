@@ -149,17 +149,8 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_masks` for the mask tokens in ``sl`` only, with the upscaling
         (two 2x2 stride-2 transposed convolutions) as matrix products over sub-pixels."""
-        dc1, ln1, act1, dc2, act2 = self.output_upscaling
-        plain = (
-            type(dc1) is nn.ConvTranspose2d
-            and type(dc2) is nn.ConvTranspose2d
-            and dc1.kernel_size == dc1.stride == dc2.kernel_size == dc2.stride == (2, 2)
-            and type(ln1) is LayerNorm2d
-            and type(act1) is nn.GELU
-            and type(act2) is nn.GELU
-            and act1.approximate == act2.approximate == "none"
-        )
-        if not plain:
+        layers = self._subpixel_layers()
+        if layers is None:
             masks, iou_pred = self.predict_masks(
                 image_embeddings,
                 image_pe,
@@ -191,6 +182,7 @@ class MaskDecoder(nn.Module):
 
         # ConvTranspose2d(k=2, s=2): out[o, 2i+di, 2j+dj] = sum_c x[c, i, j] W[c, o, di, dj] + b[o]
         # = one product with W as C x (di, dj, o); the result is B x h x w x 2 x 2 x C/4.
+        dc1, ln1, act1, dc2, act2 = layers
         c1, c2 = dc1.out_channels, dc2.out_channels
         w1 = dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (di, dj, o) x C
         b1 = None if dc1.bias is None else dc1.bias.repeat(4)
@@ -214,3 +206,21 @@ class MaskDecoder(nn.Module):
         m = masks.shape[-1]
         masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(b, m, 4 * h, 4 * w), iou_pred
+
+    def _subpixel_layers(
+        self,
+    ) -> tuple[nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU] | None:
+        """The upscaling layers when they are SAM's (2x2 stride-2 deconvs, LayerNorm2d,
+        exact GELUs), which the fast path reproduces; None for anything else."""
+        dc1, ln1, act1, dc2, act2 = self.output_upscaling
+        if (
+            isinstance(dc1, nn.ConvTranspose2d)
+            and isinstance(dc2, nn.ConvTranspose2d)
+            and dc1.kernel_size == dc1.stride == dc2.kernel_size == dc2.stride == (2, 2)
+            and type(ln1) is LayerNorm2d
+            and type(act1) is nn.GELU
+            and type(act2) is nn.GELU
+            and act1.approximate == act2.approximate == "none"
+        ):
+            return dc1, ln1, act1, dc2, act2
+        return None

@@ -59,10 +59,24 @@ class Sam(nn.Module):
         ViT encoders return only the embedding; encoders made for decoders with
         ``use_high_res_features`` also return ``[B x C/8 x 4h x 4w, B x C/4 x 2h x 2w]``.
         """
-        out = self.image_encoder(x)
+        dtype = self.encoder_dtype
+        out = self.image_encoder(x.to(dtype))
         if isinstance(out, tuple):
-            return out[0], list(out[1])
-        return out, None
+            emb, high_res = out[0], list(out[1])
+        else:
+            emb, high_res = out, None
+        if dtype != x.dtype:  # a reduced-precision encoder feeds the float32 decoder
+            emb = emb.to(x.dtype)
+            high_res = None if high_res is None else [f.to(x.dtype) for f in high_res]
+        return emb, high_res
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """Floating dtype of the image encoder's weights (see ``segany.optimize``)."""
+        for p in self.image_encoder.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     @torch.no_grad()
     def forward(

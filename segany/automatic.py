@@ -46,6 +46,7 @@ class AutomaticMaskGenerator:
         point_grids: explicit grids, one ``N x 2`` array in [0, 1] per layer.
         min_mask_region_area: remove islands/holes smaller than this (pixels); 0 disables.
         output_mode: "binary_mask", "uncompressed_rle" or "coco_rle".
+        backend: "torch" or "onnxruntime" (see :class:`segany.Predictor`).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class AutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        backend: str | Any = "torch",
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
@@ -87,7 +89,7 @@ class AutomaticMaskGenerator:
                     f"got {len(point_grids)}"
                 )
             self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
-        self.predictor = Predictor(model)
+        self.predictor = Predictor(model, backend=backend)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh

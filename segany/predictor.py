@@ -28,9 +28,24 @@ ArrayLike = Any
 class Predictor:
     """Stateful wrapper around a stateless :class:`~segany.modeling.Sam`."""
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, backend: str | Any = "torch") -> None:
+        """``backend``: "torch" (default), "onnxruntime" (exports the model to ONNX once and
+        runs its encoder and decoder with ONNX Runtime; needs the ``onnx`` extra), or an
+        object with the ``encode``/``decode`` methods of
+        :class:`segany.export.OnnxRuntimeBackend` (e.g. one opened from an export folder)."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.backend: Any = None
+        if backend == "onnxruntime":
+            from .export.onnx_backend import OnnxRuntimeBackend
+
+            self.backend = OnnxRuntimeBackend.from_model(sam_model)
+        elif hasattr(backend, "encode") and hasattr(backend, "decode"):
+            self.backend = backend
+        elif backend != "torch":
+            raise ValueError(
+                f"backend must be 'torch', 'onnxruntime' or a backend object, got {backend!r}"
+            )
         self.reset_image()
 
     # ------------------------------------------------------------------ image state
@@ -83,7 +98,16 @@ class Predictor:
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         image = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features, self.high_res_features = self.model.encode_image(image)
+        if self.backend is not None:
+            feats, high_res = self.backend.encode(image.cpu().numpy())
+            self.features = torch.from_numpy(feats).to(self.device)
+            self.high_res_features = (
+                None
+                if high_res is None
+                else [torch.from_numpy(f).to(self.device) for f in high_res]
+            )
+        else:
+            self.features, self.high_res_features = self.model.encode_image(image)
         self._set_sizes()
 
     def _set_sizes(self) -> None:
@@ -416,6 +440,8 @@ class Predictor:
         """Prompt encoder + mask decoder on the cached embedding: ``B x C x 4h x 4w`` logits
         and ``B x C`` IoU predictions, before any upsampling."""
         self._require_image()
+        if self.backend is not None:
+            return self._decode_backend(points, boxes, mask_input, multimask_output)
         model = self.model
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         extra = {}
@@ -428,6 +454,40 @@ class Predictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
             **extra,
+        )
+
+    def _decode_backend(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode_low_res` through ``self.backend``: points, then the box corners
+        (labels 2, 3) or one padding point (label -1), as the prompt encoder orders them."""
+        coords, labels = [], []
+        if points is not None:
+            coords.append(points[0].detach().cpu().numpy().astype(np.float32))
+            labels.append(points[1].detach().cpu().numpy().astype(np.float32))
+        b = coords[0].shape[0] if coords else (0 if boxes is None else boxes.shape[0])
+        if boxes is not None:
+            coords.append(boxes.detach().cpu().numpy().astype(np.float32).reshape(-1, 2, 2))
+            labels.append(np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (b, 1)))
+        elif points is not None:
+            coords.append(np.zeros((b, 1, 2), dtype=np.float32))
+            labels.append(-np.ones((b, 1), dtype=np.float32))
+        if not coords:
+            raise ValueError("this backend needs at least one point or box per object")
+        mask = None if mask_input is None else mask_input.detach().cpu().numpy()
+        feats = self.features.detach().cpu().numpy()  # type: ignore[union-attr]
+        high_res = [f.detach().cpu().numpy() for f in self.high_res_features or []] or None
+        low, iou = self.backend.decode(
+            feats, high_res, np.concatenate(coords, 1), np.concatenate(labels, 1), mask
+        )
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return (
+            torch.from_numpy(np.ascontiguousarray(low[:, sl])).to(self.device),
+            torch.from_numpy(np.ascontiguousarray(iou[:, sl])).to(self.device),
         )
 
 

@@ -1,0 +1,188 @@
+"""Every fast path equals the plain (reference) path on tiny random configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_pair, mask_iou, randomize_, synthetic_image
+
+import segany
+from segany import Predictor
+from segany.modeling import MaskDecoderConfig, build_sam, common
+from segany.modeling import image_encoder as vit
+from segany.optimize import set_fast_paths
+
+# A decoder wide enough for the factored few-token attention (heads*tokens < internal dim).
+WIDE = dataclasses.replace(
+    TINY,
+    image_encoder=dataclasses.replace(TINY.image_encoder, out_chans=64),
+    mask_decoder=MaskDecoderConfig(
+        transformer_mlp_dim=64, transformer_num_heads=2, iou_head_hidden_dim=32
+    ),
+)
+
+
+def _model(config=TINY, seed=0):
+    return randomize_(build_sam(config), seed).eval()
+
+
+def _both(model, fn):
+    set_fast_paths(model, False)
+    with torch.no_grad():
+        plain = fn()
+    set_fast_paths(model, True)
+    with torch.no_grad():
+        fast = fn()
+    return fast, plain
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 300, 5000])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_encoder_fast_equals_plain(monkeypatch, budget, onednn):
+    """Banded relative-position attention (bands of windows, heads and query rows)."""
+    monkeypatch.setattr(vit, "REL_POS_BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(common, "ONEDNN_LINEAR", onednn)
+    monkeypatch.setattr(vit, "MLP_CHUNK_TOKENS", 7)
+    model = _model()
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    fast, plain = _both(model, lambda: model.image_encoder(x))
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_points", [1, 3, 9])
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decoder_fast_equals_plain(n_points, multimask):
+    model = _model(WIDE)
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(1, 64, 10, 10, generator=g)
+    sparse = torch.randn(4, n_points, 64, generator=g)
+    dense = torch.randn(4, 64, 10, 10, generator=g)
+    pe = model.prompt_encoder.get_dense_pe()
+    (ma, ia), (mb, ib) = _both(model, lambda: model.mask_decoder(emb, pe, sparse, dense, multimask))
+    assert ma.shape == mb.shape == (4, 3 if multimask else 1, 40, 40)
+    torch.testing.assert_close(ma, mb, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ia, ib, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_fast_equals_plain_with_high_res_features():
+    cfg = dataclasses.replace(
+        WIDE, mask_decoder=dataclasses.replace(WIDE.mask_decoder, use_high_res_features=True)
+    )
+    model = _model(cfg)
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(1, 64, 10, 10, generator=g)
+    high = [torch.randn(1, 8, 40, 40, generator=g), torch.randn(1, 16, 20, 20, generator=g)]
+    sparse = torch.randn(3, 4, 64, generator=g)
+    dense = torch.randn(3, 64, 10, 10, generator=g)
+    pe = model.prompt_encoder.get_dense_pe()
+    (ma, ia), (mb, ib) = _both(
+        model, lambda: model.mask_decoder(emb, pe, sparse, dense, True, high_res_features=high)
+    )
+    torch.testing.assert_close(ma, mb, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ia, ib, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_fast_path_has_gradients():
+    model = _model(WIDE).train()
+    emb = torch.randn(1, 64, 10, 10, requires_grad=True)
+    pe = model.prompt_encoder.get_dense_pe()
+    masks, iou = model.mask_decoder(
+        emb, pe, torch.randn(2, 3, 64), torch.randn(2, 64, 10, 10), True
+    )
+    (masks.square().mean() + iou.sum()).backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert (
+        model.mask_decoder.transformer.layers[1].cross_attn_image_to_token.q_proj.weight.grad
+        is not None
+    )
+
+
+@pytest.mark.parametrize("shape", [(120, 180), (37, 301), (160, 160), (301, 37)])
+def test_crop_first_upscaling_is_exact(shape):
+    model = _model()
+    low = torch.randn(2, 3, 40, 40)
+    from segany.transforms import preprocess_shape
+
+    inp = preprocess_shape(*shape, 160)
+    fast, plain = _both(model, lambda: model.postprocess_masks(low, inp, shape))
+    assert torch.equal(fast, plain)
+
+
+def test_predictor_fast_equals_plain_and_reference(image):
+    from segment_anything import SamPredictor
+
+    ours, ref = make_pair(WIDE)
+    pb = SamPredictor(ref)
+    pb.set_image(image)
+    kw = dict(point_coords=np.array([[60.0, 40.0], [100, 90]]), point_labels=np.array([1, 0]))
+    expected = pb.predict(**kw, return_logits=True)
+    for fast in (True, False):
+        set_fast_paths(ours, fast)
+        pa = Predictor(ours)
+        pa.set_image(image)
+        got = pa.predict(**kw, return_logits=True)
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    set_fast_paths(ours, True)
+
+
+def test_optimize_bf16_int8_compile_threads():
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(2))
+    base = _model()
+    with torch.no_grad():
+        want = base.encode_image(x)[0]
+
+    def cos(a, b):
+        return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        m = segany.optimize(_model(), precision="bf16")
+        assert m.encoder_dtype == torch.bfloat16
+        with torch.no_grad():
+            got = m.encode_image(x)[0]
+        assert got.dtype == torch.float32 and cos(got, want) > 0.99
+    m = segany.optimize(_model(), quantize="int8")
+    with torch.no_grad():
+        assert cos(m.encode_image(x)[0], want) > 0.99
+    before = torch.get_num_threads()
+    try:
+        assert segany.optimize(_model(), threads=1) is not None and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="precision"):
+        segany.optimize(_model(), precision="fp64")
+    with pytest.raises(ValueError, match="quantize"):
+        segany.optimize(_model(), quantize="int4")
+
+
+@pytest.mark.slow
+def test_optimize_compile_keeps_names_and_values():
+    """torch.compile (dynamo tracing with the eager backend: ~30 s, hence slow)."""
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(2))
+    base = _model()
+    with torch.no_grad():
+        want = base.encode_image(x)[0]
+    names = list(base.state_dict())
+    m = segany.optimize(_model(), compile="eager")
+    assert list(m.state_dict()) == names  # compiling never renames parameters
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_image(x)[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_masks_identical_to_reference_after_optimize(image):
+    """The default optimize() (fast paths, fp32) keeps the reference's masks."""
+    from segment_anything import SamPredictor
+
+    ours, ref = make_pair(TINY)
+    segany.optimize(ours)
+    pa, pb = Predictor(ours), SamPredictor(ref)
+    img = synthetic_image(90, 140, seed=3)
+    pa.set_image(img)
+    pb.set_image(img)
+    for box in ([10, 10, 100, 80], [0, 0, 140, 90]):
+        ma, _, _ = pa.predict(box=np.array(box))
+        mb, _, _ = pb.predict(box=np.array(box))
+        assert all(mask_iou(a, b) >= 0.999 for a, b in zip(ma, mb))

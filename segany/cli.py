@@ -1,4 +1,4 @@
-"""The ``segany`` command line: segment, auto, models, convert, train, eval, serve.
+"""The ``segany`` command line: segment, auto, models, convert, train, eval, serve, export.
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors); output files
 are written atomically, so a failed run leaves no partial file behind.
@@ -244,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--model", help="variant name (default: inferred from the file)")
+
+    x = sub.add_parser(
+        "export",
+        help="export the model to ONNX for ONNX Runtime (encoder + prompt decoder)",
+        description="Writes OUT/encoder.onnx, OUT/decoder.onnx (dynamic numbers of objects and "
+        "points) and OUT/segany_onnx.json. Needs the onnx extra: pip install 'segany[onnx]'.",
+    )
+    x.add_argument("output", help="output folder (created)")
+    x.add_argument("--quantize", action="store_true", help="int8 weights (smaller, approximate)")
+    x.add_argument("--model", help="registered model name (see `segany models`)")
+    x.add_argument("--checkpoint", help="weights file: official SAM .pth or .safetensors")
+    x.set_defaults(device="cpu")
     return parser
 
 
@@ -477,6 +489,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from .export import export_onnx
+
+        model = _load_model(args)
+        out = export_onnx(model, args.output, quantize=args.quantize)
+    except ImportError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"wrote {out}/encoder.onnx, {out}/decoder.onnx")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, make_trainer
 
@@ -593,6 +617,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "serve": cmd_serve,
+    "export": cmd_export,
 }
 
 

@@ -252,7 +252,7 @@ def _export(
             opset_version=opset,
             dynamo=True,
             external_data=False,
-            optimize=True,
+            optimize=False,  # ONNX Runtime optimises the graph when it loads it
             verbose=False,
         )
         assert program is not None

@@ -1,0 +1,91 @@
+"""Peak memory of "segment everything" on a large photo (default 4000 x 3000), segany vs the
+reference, same random ViT-B weights. Each generator runs in its own child process so that
+its peak resident memory (``ru_maxrss``) is its own.
+
+    .venv/bin/python benchmarks/amg_memory.py --size 3000x4000 --points-per-side 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def child(which: str, size: str, pps: int) -> None:
+    import torch
+    from conftest import randomize_, synthetic_image
+
+    from segany import AutomaticMaskGenerator, build_sam, get_model_spec
+
+    torch.set_grad_enabled(False)
+    ours = randomize_(build_sam(get_model_spec("vit_b").config), 0, 0.02).eval()
+    randomize_(ours.prompt_encoder, 1, 0.1)
+    randomize_(ours.mask_decoder, 2, 0.1)
+    h, w = (int(v) for v in size.split("x"))
+    image = synthetic_image(h, w, seed=4)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if which == "reference":
+        from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+
+        ref = sam_model_registry["vit_b"]().eval()
+        ref.load_state_dict(ours.state_dict())
+        gen = SamAutomaticMaskGenerator(ref, points_per_side=pps, output_mode="coco_rle")
+    else:
+        gen = AutomaticMaskGenerator(ours, points_per_side=pps, output_mode="coco_rle")
+    t = time.perf_counter()
+    n = len(gen.generate(image))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "which": which,
+                "peak_mb": peak / 1024,
+                "before_mb": base / 1024,
+                "masks": n,
+                "seconds": time.perf_counter() - t,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="3000x4000", help="image HxW")
+    ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.size, args.points_per_side)
+        return
+    for which in ("segany", "reference"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                which,
+                "--size",
+                args.size,
+                "--points-per-side",
+                str(args.points_per_side),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"{r['which']:<10} peak RSS {r['peak_mb']:8.0f} MB (model + image before: "
+            f"{r['before_mb']:.0f} MB), {r['masks']} masks, {r['seconds']:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -435,10 +435,14 @@
       if (S.showEverything) {
         S.everything.forEach((m, k) => paintRle(buf, w, h, m.segmentation, hexToRgb(paletteColor(k + 7)), 90));
       }
-      S.objects.forEach((obj, i) => {
+      // The selected object is painted last, so that it is never hidden by another one.
+      const order = S.objects.map((_, i) => i).filter((i) => i !== S.active);
+      if (S.active >= 0) order.push(S.active);
+      for (const i of order) {
+        const obj = S.objects[i];
         const m = obj.masks[obj.selected];
         if (m) paintRle(buf, w, h, m.segmentation, hexToRgb(obj.color), i === S.active ? 150 : 115);
-      });
+      }
     }
     ctx.putImageData(img, 0, 0);
     let painted = 0;
@@ -510,6 +514,8 @@
     input.placeholder = title;
     input.maxLength = 200;
     input.addEventListener("change", () => { onChange(input.value.trim()); record(); });
+    // Enter confirms and hands the keyboard back to the image (shortcuts work again).
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") { input.blur(); els.ui.focus(); } });
     return input;
   }
 
@@ -646,8 +652,9 @@
 
   document.addEventListener("keydown", (e) => {
     const t = e.target;
-    if (t instanceof HTMLInputElement || t instanceof HTMLSelectElement || t instanceof HTMLTextAreaElement) {
-      if (e.key === "Escape") t.blur();
+    const typing = t instanceof HTMLInputElement && (t.type === "text" || t.type === "number");
+    if (typing || t instanceof HTMLSelectElement || t instanceof HTMLTextAreaElement) {
+      if (e.key === "Escape") { t.blur(); els.ui.focus(); }
       return;
     }
     const ctrl = e.ctrlKey || e.metaKey;

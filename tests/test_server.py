@@ -521,11 +521,12 @@ def test_unexpected_errors_are_500_without_traceback(model, png, caplog):
     assert "internal detail" in caplog.text
 
 
-def test_out_of_memory_is_503(model, png):
+@pytest.mark.parametrize("error", [MemoryError, torch.OutOfMemoryError])
+def test_out_of_memory_is_503(model, png, error):
     app = create_app(model, ServerSettings())
 
     def hungry(*_):
-        raise MemoryError
+        raise error("out of memory")
 
     app.state.service.predict = hungry
     with TestClient(app) as c:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, FastAPI, File, HTTPException, Request, Security, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -183,10 +184,14 @@ def create_app(
         ]
         return JSONResponse({"detail": errors}, 422)
 
-    @app.exception_handler(MemoryError)
-    async def _memory(_: Request, exc: MemoryError) -> JSONResponse:
+    async def _memory(_: Request, exc: Exception) -> JSONResponse:
         logger.warning("out of memory: %s", exc)
         return JSONResponse({"detail": "not enough memory for this request; retry later"}, 503)
+
+    app.add_exception_handler(MemoryError, _memory)
+    gpu_oom = getattr(torch, "OutOfMemoryError", None)  # CUDA/MPS allocation failures
+    if gpu_oom is not None:
+        app.add_exception_handler(gpu_oom, _memory)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

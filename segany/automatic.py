@@ -78,6 +78,15 @@ class AutomaticMaskGenerator:
         if points_per_side is not None:
             if points_per_side < 1:
                 raise ValueError("points_per_side must be >= 1")
+            if crop_n_points_downscale_factor < 1:
+                raise ValueError("crop_n_points_downscale_factor must be >= 1")
+            last = points_per_side // crop_n_points_downscale_factor**crop_n_layers
+            if last < 1:
+                raise ValueError(
+                    f"points_per_side={points_per_side} leaves no points in crop layer "
+                    f"{crop_n_layers} (divided by {crop_n_points_downscale_factor}**"
+                    f"{crop_n_layers}); use more points or fewer crop layers"
+                )
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )

@@ -210,3 +210,9 @@ def test_bad_parameters():
         AutomaticMaskGenerator(model, output_mode="polygons")
     with pytest.raises(ValueError, match="one grid per crop layer"):
         AutomaticMaskGenerator(model, points_per_side=None, point_grids=[], crop_n_layers=0)
+    with pytest.raises(ValueError, match="no points in crop layer 2"):
+        AutomaticMaskGenerator(
+            model, points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2
+        )
+    with pytest.raises(ValueError, match="downscale_factor must be >= 1"):
+        AutomaticMaskGenerator(model, points_per_side=4, crop_n_points_downscale_factor=0)

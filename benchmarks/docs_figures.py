@@ -38,10 +38,20 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DAVIS)
     ap.add_argument("--images", nargs="+", default=["003", "027", "101", "240"])
     ap.add_argument("--out", type=Path, default=Path("docs"))
+    # segany-lite's IoU head and logits are less confident than SAM's: the reference's
+    # defaults (0.88 / 0.95 / offset 1.0) keep no mask, so the figures use lower thresholds.
+    ap.add_argument("--pred-iou-thresh", type=float, default=0.3)
+    ap.add_argument("--stability-score-thresh", type=float, default=0.5)
+    ap.add_argument("--stability-score-offset", type=float, default=0.25)
     args = ap.parse_args()
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
     predictor = Predictor(model)
-    generator = AutomaticMaskGenerator(model)
+    generator = AutomaticMaskGenerator(
+        model,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        stability_score_offset=args.stability_score_offset,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     for stem in args.images:
         image = load_image(args.data / "images" / f"{stem}.jpg")

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--points-per-batch", type=int, default=64)
     a.add_argument("--pred-iou-thresh", type=float, default=0.88)
     a.add_argument("--stability-score-thresh", type=float, default=0.95)
+    a.add_argument("--stability-score-offset", type=float, default=1.0)
     a.add_argument("--box-nms-thresh", type=float, default=0.7)
     a.add_argument("--crop-n-layers", type=int, default=0)
     a.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--points-per-batch", type=int, default=64)
     g.add_argument("--pred-iou-thresh", type=float, default=0.88)
     g.add_argument("--stability-score-thresh", type=float, default=0.95)
+    g.add_argument("--stability-score-offset", type=float, default=1.0)
     g.add_argument("--box-nms-thresh", type=float, default=0.7)
     g.add_argument("--crop-n-layers", type=int, default=0)
     g.add_argument("--min-mask-region-area", type=int, default=0)
@@ -391,6 +393,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh,
+        stability_score_offset=args.stability_score_offset,
         box_nms_thresh=args.box_nms_thresh,
         crop_n_layers=args.crop_n_layers,
         crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
@@ -594,6 +597,7 @@ def _eval_ap(args: argparse.Namespace, dataset: Any, model: Any, predictor: Any,
             points_per_batch=args.points_per_batch,
             pred_iou_thresh=args.pred_iou_thresh,
             stability_score_thresh=args.stability_score_thresh,
+            stability_score_offset=args.stability_score_offset,
             box_nms_thresh=args.box_nms_thresh,
             crop_n_layers=args.crop_n_layers,
             min_mask_region_area=args.min_mask_region_area,

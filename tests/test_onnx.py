@@ -84,3 +84,27 @@ def test_onnxruntime_needs_a_prompt(exported, image):
         p.predict(mask_input=np.zeros((1, 40, 40), dtype=np.float32))
     with pytest.raises(ValueError, match="backend"):
         Predictor(model, backend="tensorrt")
+
+
+def test_high_res_decoder_exports(tmp_path, image):
+    """segany-lite's decoder takes the encoder's high-res features as extra graph inputs."""
+    from segany.export import OnnxRuntimeBackend, export_onnx
+    from segany.modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig
+
+    config = SamConfig(
+        image_encoder=LiteEncoderConfig(
+            backbone="lite0", img_size=128, out_chans=32, neck_blocks=1
+        ),
+        mask_decoder=MaskDecoderConfig(
+            transformer_mlp_dim=64, iou_head_hidden_dim=32, use_high_res_features=True
+        ),
+        pixel_mean=(127.0, 127.0, 127.0),
+        pixel_std=(128.0, 128.0, 128.0),
+    )
+    model = randomize_(build_sam(config), 1).eval()
+    backend = OnnxRuntimeBackend(export_onnx(model, tmp_path), threads=1)
+    ours, onnx = Predictor(model), Predictor(model, backend=backend)
+    ours.set_image(image)
+    onnx.set_image(image)
+    for kwargs in (PROMPTS[1], PROMPTS[2], PROMPTS[4]):
+        _check(ours.predict(**kwargs), onnx.predict(**kwargs))

@@ -96,8 +96,11 @@ class DecoderGraph(nn.Module):
         point_labels: torch.Tensor,
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
-        *high_res_feats: torch.Tensor,
+        high_res_0: torch.Tensor | None = None,
+        high_res_1: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Named (not *args): torch.onnx rewrites a varargs entry of dynamic_shapes as a list,
+        # which torch.export then refuses for a tuple input.
         pe = self.prompt_encoder
         sparse = self._embed_points(point_coords, point_labels)
         b = point_coords.shape[0]
@@ -109,7 +112,7 @@ class DecoderGraph(nn.Module):
             pe.get_dense_pe(),
             sparse,
             dense,
-            list(high_res_feats) if self.high_res else None,
+            [high_res_0, high_res_1] if self.high_res else None,  # type: ignore[list-item]
         )
 
 
@@ -195,7 +198,7 @@ def export_onnx(
             "has_mask_input": None,
         }
         if high_res:
-            dynamic["high_res_feats"] = [None] * (len(enc_outputs) - 1)
+            dynamic.update({f"high_res_{i}": None for i in range(len(enc_outputs) - 1)})
         _export(
             DecoderGraph(model).eval(),
             dec_args,

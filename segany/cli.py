@@ -114,15 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("input", help="image file or folder")
     a.add_argument("-o", "--output", required=True, help="output folder (created)")
-    a.add_argument("--points-per-side", type=int, default=32)
-    a.add_argument("--points-per-batch", type=int, default=64)
-    a.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    a.add_argument("--stability-score-thresh", type=float, default=0.95)
-    a.add_argument("--stability-score-offset", type=float, default=1.0)
-    a.add_argument("--box-nms-thresh", type=float, default=0.7)
-    a.add_argument("--crop-n-layers", type=int, default=0)
-    a.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
-    a.add_argument("--min-mask-region-area", type=int, default=0)
+    _generator_args(a)
     a.add_argument(
         "--polygons", action="store_true", help="COCO polygons (holes kept) instead of RLE"
     )
@@ -199,14 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="predicted_iou",
         help="everything: how masks are ranked for AP (default: predicted_iou)",
     )
-    g.add_argument("--points-per-side", type=int, default=32)
-    g.add_argument("--points-per-batch", type=int, default=64)
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-score-thresh", type=float, default=0.95)
-    g.add_argument("--stability-score-offset", type=float, default=1.0)
-    g.add_argument("--box-nms-thresh", type=float, default=0.7)
-    g.add_argument("--crop-n-layers", type=int, default=0)
-    g.add_argument("--min-mask-region-area", type=int, default=0)
+    _generator_args(g)
     _model_args(e)
 
     v = sub.add_parser(
@@ -262,6 +247,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- commands
+#: AutomaticMaskGenerator settings shared by `auto` and `eval --task everything`:
+#: (option, type, default), the reference's defaults.
+_GENERATOR_OPTIONS: tuple[tuple[str, type, Any], ...] = (
+    ("points_per_side", int, 32),
+    ("points_per_batch", int, 64),
+    ("pred_iou_thresh", float, 0.88),
+    ("stability_score_thresh", float, 0.95),
+    ("stability_score_offset", float, 1.0),
+    ("box_nms_thresh", float, 0.7),
+    ("crop_n_layers", int, 0),
+    ("crop_n_points_downscale_factor", int, 1),
+    ("min_mask_region_area", int, 0),
+)
+
+
+def _generator_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    for name, kind, default in _GENERATOR_OPTIONS:
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+
+
+def _generator_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name, _, _ in _GENERATOR_OPTIONS}
+
+
 def _load_model(args: argparse.Namespace) -> Any:
     from .build import build_model
 
@@ -389,16 +398,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = AutomaticMaskGenerator(
         _load_model(args),
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        stability_score_offset=args.stability_score_offset,
-        box_nms_thresh=args.box_nms_thresh,
-        crop_n_layers=args.crop_n_layers,
-        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
-        min_mask_region_area=args.min_mask_region_area,
         output_mode="coco_rle",
+        **_generator_settings(args),
     )
     images, annotations, failed = [], [], []
     bar = tqdm(files, desc="segment everything", unit="img", disable=len(files) == 1)
@@ -593,15 +594,8 @@ def _eval_ap(args: argparse.Namespace, dataset: Any, model: Any, predictor: Any,
 
         generator = AutomaticMaskGenerator(
             model,
-            points_per_side=args.points_per_side,
-            points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_score_thresh,
-            stability_score_offset=args.stability_score_offset,
-            box_nms_thresh=args.box_nms_thresh,
-            crop_n_layers=args.crop_n_layers,
-            min_mask_region_area=args.min_mask_region_area,
             output_mode="coco_rle",
+            **_generator_settings(args),
         )
         report = evaluate_everything(generator, dataset, score=args.score, **common)
     else:

@@ -112,6 +112,10 @@ class Predictor:
 
     def _set_sizes(self) -> None:
         assert self.original_size is not None and self.input_size is not None
+        if self.backend is None and self.features is not None and self.features.dim() == 4:
+            # Channels-last: the decoder reads the embedding as hw x C tokens, which is then
+            # a free view instead of a transpose per prompt (same values).
+            self.features = self.features.contiguous(memory_format=torch.channels_last)
         self.orig_h, self.orig_w = self.original_size
         self.input_h, self.input_w = self.input_size
         self.is_image_set = True

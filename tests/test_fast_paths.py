@@ -85,6 +85,69 @@ def test_decoder_fast_equals_plain_with_high_res_features():
     torch.testing.assert_close(ia, ib, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("high_res", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_decoder_shared_image_terms_are_cached_and_invalidated(high_res, layout):
+    """No mask input on one image: image + dense + PE are computed once per embedding and
+    shared by B prompts; a new embedding, an in-place edit, another dense vector or another
+    PE recompute them; every call equals the plain path."""
+    cfg = dataclasses.replace(
+        WIDE, mask_decoder=dataclasses.replace(WIDE.mask_decoder, use_high_res_features=high_res)
+    )
+    model = _model(cfg)
+    dec = model.mask_decoder
+    g = torch.Generator().manual_seed(5)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    emb = torch.randn(1, 64, 10, 10, generator=g).contiguous(memory_format=fmt)
+    high = [torch.randn(1, 8, 40, 40, generator=g), torch.randn(1, 16, 20, 20, generator=g)]
+    extra = {"high_res_features": high} if high_res else {}
+    sparse = torch.randn(4, 2, 64, generator=g)
+    vec = torch.randn(1, 64, 1, 1, generator=g)
+    pe = model.prompt_encoder.get_dense_pe()
+
+    def run(dense, e=emb):
+        return _both(model, lambda: dec(e, pe, sparse, dense.expand(4, -1, 10, 10), True, **extra))
+
+    def check(dense, e=emb):
+        (ma, ia), (mb, ib) = run(dense, e)
+        torch.testing.assert_close(ma, mb, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ia, ib, atol=1e-4, rtol=1e-4)
+        # one prompt at a time gives the same as the batch
+        for i in range(4):
+            with torch.no_grad():
+                m1, _ = dec(e, pe, sparse[i : i + 1], dense.expand(1, -1, 10, 10), True, **extra)
+            torch.testing.assert_close(m1[0], ma[i], atol=1e-4, rtol=1e-4)
+        return ma
+
+    first = check(vec)
+    terms = dec.__dict__["_image_cache"][5]
+    again = check(vec)
+    assert dec.__dict__["_image_cache"][5] is terms  # reused
+    torch.testing.assert_close(first, again)
+    with torch.no_grad():
+        emb.mul_(-1.0)  # in place: same tensor object, new version
+    flipped = check(vec)
+    assert not torch.allclose(flipped, first)
+    other = check(vec + 1.0)  # another dense vector
+    assert not torch.allclose(other, flipped)
+    check(vec, torch.randn(1, 64, 10, 10, generator=g))  # another embedding
+
+
+def test_dense_pe_is_cached_until_the_frequencies_change():
+    model = _model(WIDE)
+    enc = model.prompt_encoder
+    pe = enc.get_dense_pe()
+    assert enc.get_dense_pe() is pe
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    state[key] = state[key] * 2.0
+    model.load_state_dict(state)  # copies in place
+    pe2 = enc.get_dense_pe()
+    assert pe2 is not pe and not torch.allclose(pe2, pe)
+    fresh = enc.pe_layer(enc.image_embedding_size).unsqueeze(0)
+    torch.testing.assert_close(pe2, fresh)
+
+
 def test_decoder_fast_path_has_gradients():
     model = _model(WIDE).train()
     emb = torch.randn(1, 64, 10, 10, requires_grad=True)

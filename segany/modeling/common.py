@@ -127,3 +127,14 @@ class MLP(nn.Module):
         if self.sigmoid_output:
             x = torch.sigmoid(x)
         return x
+
+
+def tracing() -> bool:
+    """True under ``torch.compile``, TorchScript tracing or ONNX export, where a module must
+    not keep tensors from one call for the next."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )

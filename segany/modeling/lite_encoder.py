@@ -51,8 +51,9 @@ class FusionNeck(nn.Module):
         self.out_norm = LayerNorm2d(out_chans)
 
     def forward(self, f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
-        top = F.interpolate(self.lateral32(f32), size=f16.shape[-2:], mode="bilinear",
-                            align_corners=False)
+        top = F.interpolate(
+            self.lateral32(f32), size=f16.shape[-2:], mode="bilinear", align_corners=False
+        )
         x = self.lateral8(f8) + self.lateral16(f16) + top
         x = self.fuse(x)
         return self.out_norm(self.blocks(x))

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d, fused_linear
-from .transformer import TwoWayTransformer
+from .common import MLP, LayerNorm2d, fused_linear, tracing
+from .transformer import TwoWayTransformer, image_tokens
 
 
 class MaskDecoder(nn.Module):
@@ -168,12 +168,11 @@ class MaskDecoder(nn.Module):
             raise ValueError(
                 f"image_embeddings batch {image_embeddings.shape[0]} does not match {b} prompts"
             )
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != b:
-            src = src.expand(b, -1, -1, -1)
-        pos_src = image_pe.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
-        hs, keys = self.transformer(src, pos_src, tokens)  # keys: B x hw x C
+        _, c, h, w = image_embeddings.shape
+        src, pe_tokens, src_with_pe = self._image_terms(
+            image_embeddings, image_pe, dense_prompt_embeddings
+        )
+        hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe)  # keys: B x hw x C
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, sl]
         token_ids = range(self.num_mask_tokens)[sl]
         hyper_in = torch.stack(
@@ -206,6 +205,54 @@ class MaskDecoder(nn.Module):
         m = masks.shape[-1]
         masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(b, m, 4 * h, 4 * w), iou_pred
+
+    def _image_terms(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(image + dense prompt, PE, image + dense + PE)`` as ``1|B x hw x C`` tokens.
+
+        With a spatially constant dense prompt (no mask input) on one shared image, the three
+        are the same for every prompt: they are computed once, kept for the next call on the
+        same embedding (inference only), and never copied per prompt.
+        """
+        shared = (
+            image_embeddings.shape[0] == 1
+            and dense.stride(-1) == 0
+            and dense.stride(-2) == 0
+            and (dense.shape[0] == 1 or dense.stride(0) == 0)
+        )
+        if not shared:
+            src = image_tokens(image_embeddings + dense)
+            return src, image_tokens(image_pe), None
+        vec = dense[:1, :, :1, :1]
+        cacheable = not torch.is_grad_enabled() and not tracing()
+        cached = self.__dict__.get("_image_cache")
+        if (
+            cacheable
+            and cached is not None
+            and cached[0] is image_embeddings
+            and cached[1] == image_embeddings._version
+            and cached[2] is image_pe
+            and cached[3] == image_pe._version
+            and torch.equal(cached[4], vec)
+        ):
+            return cached[5]
+        src = image_tokens(image_embeddings + vec)
+        pe = image_tokens(image_pe)
+        terms = (src, pe, src + pe)
+        if cacheable:
+            self.__dict__["_image_cache"] = (
+                image_embeddings,
+                image_embeddings._version,
+                image_pe,
+                image_pe._version,
+                vec.clone(),
+                terms,
+            )
+        return terms
 
     def _subpixel_layers(
         self,

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, tracing
 
 
 class PromptEncoder(nn.Module):
@@ -49,8 +49,18 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """``1 x embed_dim x h x w`` positional encoding of the embedding grid."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """``1 x embed_dim x h x w`` positional encoding of the embedding grid (channels-last
+        strides). Computed once and reused until the frequencies, device or dtype change."""
+        if tracing():
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        buf = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (buf.data_ptr(), buf._version, buf.device, buf.dtype, self.image_embedding_size)
+        cached = self.__dict__.get("_dense_pe")
+        if cached is None or cached[0] != key:
+            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            self.__dict__["_dense_pe"] = (key, pe)
+            return pe
+        return cached[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # pixel centres
@@ -75,9 +85,7 @@ class PromptEncoder(nn.Module):
         boxes = boxes + 0.5
         corners = boxes.reshape(-1, 2, 2)
         emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_embed = torch.stack(
-            [self._point_weight(2)[0], self._point_weight(3)[0]]
-        )
+        corner_embed = torch.stack([self._point_weight(2)[0], self._point_weight(3)[0]])
         return emb + corner_embed
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:

@@ -48,18 +48,40 @@ class TwoWayTransformer(nn.Module):
         image_embedding: torch.Tensor,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
+        first_keys_with_pe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image ``B x C x h x w`` (+ its PE), tokens ``B x T x C`` -> (tokens, ``B x hw x C``)."""
-        image_embedding = image_embedding.flatten(2).permute(0, 2, 1)  # B x hw x C
-        image_pe = image_pe.flatten(2).permute(0, 2, 1)
+        """Image ``B x C x h x w`` (+ its PE), tokens ``B x T x C`` -> (tokens, ``B x hw x C``).
+
+        The image and its PE may also come as ``B x hw x C`` tokens, and with batch 1 for B
+        prompts (shared, never copied B times). ``first_keys_with_pe`` is ``image + PE`` as
+        tokens when the caller has it already (the same for every prompt on one image).
+        """
+        if image_embedding.dim() == 4:
+            image_embedding = image_tokens(image_embedding)
+        if image_pe.dim() == 4:
+            image_pe = image_tokens(image_pe)
         queries, keys = point_embedding, image_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=image_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(
+                queries,
+                keys,
+                query_pe=point_embedding,
+                key_pe=image_pe,
+                keys_with_pe=first_keys_with_pe if i == 0 else None,
+            )
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + image_pe, v=keys
         )
         queries = self.norm_final_attn(queries + attn_out)
+        if keys.shape[0] != queries.shape[0]:  # depth 0 with a shared image
+            keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
+
+
+def image_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``B x C x h x w`` -> contiguous ``B x hw x C``. Every later elementwise op and
+    LayerNorm on a transposed view would run 5-20x slower (a channels-last input is free)."""
+    return x.flatten(2).permute(0, 2, 1).contiguous()
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -96,7 +118,9 @@ class TwoWayAttentionBlock(nn.Module):
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        keys_with_pe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys`` (and ``key_pe``, ``keys_with_pe``) may have batch 1 for B queries."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -105,12 +129,12 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        k = keys + key_pe if keys_with_pe is None else keys_with_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe  # keys are unchanged since k was computed
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = self.norm4(self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys))
         return queries, keys
 
 
@@ -139,25 +163,36 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention output (``+ residual`` when given, fused into the last product on the
+        fast path). Batches of 1 broadcast against the others."""
         nq, nk = q.shape[1], k.shape[1]
         if self.fused and self._plain_linears():
             # Few tokens on one side: fold the projections of the many-token side into the
             # few tokens (rank heads*tokens instead of internal_dim). Same function, fewer FLOPs.
             if nk * self.num_heads < self.internal_dim and nq > nk:
-                return self._few_keys(q, k, v)
+                return self._few_keys(q, k, v, residual)
             if nq * self.num_heads < self.internal_dim and nk > nq:
-                return self._few_queries(q, k, v)
-        q = self._split(self.q_proj(q))  # B x heads x Nq x d
-        k = self._split(self.k_proj(k))
-        v = self._split(self.v_proj(v))
+                out = self._few_queries(q, k, v)
+                return out if residual is None else residual + out
+        b = max(q.shape[0], k.shape[0], v.shape[0])
+        q = self._split(self.q_proj(q.expand(b, -1, -1)))  # B x heads x Nq x d
+        k = self._split(self.k_proj(k.expand(b, -1, -1)))
+        v = self._split(self.v_proj(v.expand(b, -1, -1)))
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             out = torch.softmax(attn, dim=-1) @ v
-        b, h, n, d = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        _, h, n, d = out.shape
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return out if residual is None else residual + out
 
     def _plain_linears(self) -> bool:
         return all(
@@ -175,21 +210,28 @@ class Attention(nn.Module):
         h, d = self.num_heads, self.internal_dim // self.num_heads
         qh = self.q_proj(q).view(b, nq, h, d)
         g = torch.einsum("bqhd,hdc->bhqc", qh, self.k_proj.weight.view(h, d, c))
-        scores = (g.reshape(b, h * nq, c) @ k.transpose(1, 2)) / math.sqrt(d)  # B x h*Nq x Nk
-        p = torch.softmax(scores, dim=-1) @ v  # B x h*Nq x C
+        scores = _bmm(g.reshape(b, h * nq, c), k.transpose(1, 2)) / math.sqrt(d)  # B x h*Nq x Nk
+        p = _bmm(torch.softmax(scores, dim=-1), v)  # B x h*Nq x C
         o = torch.einsum("bhqc,hdc->bqhd", p.view(b, h, nq, c), self.v_proj.weight.view(h, d, c))
         o = o + self.v_proj.bias.view(h, d)
         return self.out_proj(o.reshape(b, nq, h * d))
 
-    def _few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _few_keys(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The image attending to the tokens (Nq large, Nk small).
 
         scores_h = (q Wq_h^T + bq_h) K_h^T = q (Wq_h^T K_h^T) + bq_h K_h^T and
         out = sum_h A_h V_h Wo_h^T + bo: two ``Nq x C x heads*Nk`` products replace the q and
-        output projections.
+        output projections. Each head's weights sum to 1 over the keys, so ``bo / heads`` added
+        to every row of ``V_h Wo_h^T`` is ``bo``, and the residual is the product's input.
         """
-        b, nq, c = q.shape
-        nk = k.shape[1]
+        b, nk = k.shape[0], k.shape[1]
+        nq, c = q.shape[1], q.shape[2]
         h, d = self.num_heads, self.internal_dim // self.num_heads
         kh = self.k_proj(k).view(b, nk, h, d)
         vh = self.v_proj(v).view(b, nk, h, d)
@@ -198,9 +240,18 @@ class Attention(nn.Module):
         e_bias = torch.einsum("bkhd,hd->bhk", kh, self.q_proj.bias.view(h, d)).reshape(b, -1, 1)
         # Transposed scores, B x h*Nk x Nq: the softmax then runs over a strided axis of Nk,
         # far faster than over a contiguous axis of a few elements.
-        scores = torch.baddbmm(e_bias, e, q.transpose(1, 2)) / math.sqrt(d)
+        scores = (_bmm(e, q.transpose(1, 2)) + e_bias) / math.sqrt(d)
         attn = torch.softmax(scores.view(b, h, nk, nq), dim=2).view(b, h * nk, nq)
         f = torch.einsum("bkhd,chd->bhkc", vh, self.out_proj.weight.view(c, h, d))
-        return torch.baddbmm(
-            self.out_proj.bias.view(1, 1, c), attn.transpose(1, 2), f.reshape(b, h * nk, c)
-        )
+        f = f.reshape(b, h * nk, c) + self.out_proj.bias / h
+        if residual is None:
+            return attn.transpose(1, 2) @ f
+        return torch.baddbmm(residual, attn.transpose(1, 2), f)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``B x m x k`` and ``B x k x n`` where either batch may be 1 (one GEMM
+    with the batch folded into the rows of ``a`` when only ``b`` is shared)."""
+    if b.shape[0] == 1 and a.shape[0] > 1:
+        return (a.reshape(-1, a.shape[-1]) @ b[0]).view(a.shape[0], a.shape[1], b.shape[-1])
+    return a @ b

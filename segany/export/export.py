@@ -255,7 +255,7 @@ def _export(
             opset_version=opset,
             dynamo=True,
             external_data=False,
-            optimize=False,  # ONNX Runtime optimises the graph when it loads it
+            optimize=True,  # folds constants (e.g. zero conv biases) so ORT can fuse BN into Conv
             verbose=False,
         )
         assert program is not None

@@ -62,7 +62,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .common import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +239,8 @@ def _zero_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> 
     this is ~9x faster than ``F.pad`` for contiguous inputs (which fills the whole output with
     zeros before copying). Differentiable like ``F.pad``.
     """
+    if tracing():  # ONNX / TorchScript / torch.compile: one Pad op, not slice assignments
+        return F.pad(x, (left, right, top, bottom))
     b, c, h, w = x.shape
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = torch.empty(

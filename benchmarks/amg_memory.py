@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def child(which: str, size: str, pps: int) -> None:
+def child(which: str, size: str, pps: int, kw: dict) -> None:
     import torch
     from conftest import randomize_, synthetic_image
 
@@ -36,9 +36,9 @@ def child(which: str, size: str, pps: int) -> None:
 
         ref = sam_model_registry["vit_b"]().eval()
         ref.load_state_dict(ours.state_dict())
-        gen = SamAutomaticMaskGenerator(ref, points_per_side=pps, output_mode="coco_rle")
+        gen = SamAutomaticMaskGenerator(ref, points_per_side=pps, output_mode="coco_rle", **kw)
     else:
-        gen = AutomaticMaskGenerator(ours, points_per_side=pps, output_mode="coco_rle")
+        gen = AutomaticMaskGenerator(ours, points_per_side=pps, output_mode="coco_rle", **kw)
     t = time.perf_counter()
     n = len(gen.generate(image))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -59,12 +59,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="3000x4000", help="image HxW")
     ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--points-per-batch", type=int, default=64)
+    ap.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        default=0.0,
+        help="0 (default) keeps every mask to the stability filter, the worst case for memory",
+    )
+    ap.add_argument("--stability-score-thresh", type=float, default=0.0)
+    ap.add_argument("--which", default="segany,reference", help="comma list")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    kw = {
+        "points_per_batch": args.points_per_batch,
+        "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_score_thresh,
+    }
     if args.child:
-        child(args.child, args.size, args.points_per_side)
+        child(args.child, args.size, args.points_per_side, kw)
         return
-    for which in ("segany", "reference"):
+    for which in args.which.split(","):
         out = subprocess.run(
             [
                 sys.executable,
@@ -75,6 +89,12 @@ def main() -> None:
                 args.size,
                 "--points-per-side",
                 str(args.points_per_side),
+                "--points-per-batch",
+                str(args.points_per_batch),
+                "--pred-iou-thresh",
+                str(args.pred_iou_thresh),
+                "--stability-score-thresh",
+                str(args.stability_score_thresh),
             ],
             capture_output=True,
             text=True,
@@ -82,7 +102,7 @@ def main() -> None:
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"{r['which']:<10} peak RSS {r['peak_mb']:8.0f} MB (model + image before: "
+            f"{r['which']:<10} points_per_batch {args.points_per_batch}: peak RSS {r['peak_mb']:8.0f} MB (model + image before: "
             f"{r['before_mb']:.0f} MB), {r['masks']} masks, {r['seconds']:.1f} s"
         )
 

@@ -47,6 +47,8 @@ class AutomaticMaskGenerator:
         min_mask_region_area: remove islands/holes smaller than this (pixels); 0 disables.
         output_mode: "binary_mask", "uncompressed_rle" or "coco_rle".
         backend: "torch" or "onnxruntime" (see :class:`segany.Predictor`).
+        mask_chunk_bytes: full-size float masks are made at most this many bytes at a time
+            (bounds the memory of large photos; the results do not depend on it).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class AutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         backend: str | Any = "torch",
+        mask_chunk_bytes: int = 256 << 20,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
@@ -110,6 +113,9 @@ class AutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        if mask_chunk_bytes < 1:
+            raise ValueError("mask_chunk_bytes must be >= 1")
+        self.mask_chunk_bytes = mask_chunk_bytes
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
@@ -211,10 +217,7 @@ class AutomaticMaskGenerator:
         crop_box: list[int],
         orig_size: tuple[int, int],
     ) -> dict[str, Any]:
-        from .masks import encode_rle_batch
-
         pred = self.predictor
-        model = pred.model
         orig_h, orig_w = orig_size
         coords = pred.transform.apply_coords(points, im_size)
         # float64 like the reference: the prompt encoder casts after its +0.5 and scaling.
@@ -232,6 +235,36 @@ class AutomaticMaskGenerator:
             else torch.ones_like(iou, dtype=torch.bool)
         )
         low_res, iou, pts = low_res[keep], iou[keep], pts[keep.cpu().numpy()]
+        # Full-size float masks for a whole batch would take points_per_batch x 3 x H x W x 4
+        # bytes (9 GB for 64 points on a 4000 x 3000 photo): the rest runs per mask, so it
+        # runs on chunks that fit ``mask_chunk_bytes``, with the same results.
+        per_mask = 4 * im_size[0] * im_size[1] + orig_h * orig_w  # float crop + bool uncropped
+        step = max(1, int(self.mask_chunk_bytes) // per_mask)
+        parts = [
+            self._masks_to_records(
+                low_res[i : i + step], iou[i : i + step], pts[i : i + step], crop_box, orig_size
+            )
+            for i in range(0, len(iou), step)
+        ]
+        if not parts:
+            parts = [self._masks_to_records(low_res, iou, pts, crop_box, orig_size)]
+        return _cat(parts)
+
+    def _masks_to_records(
+        self,
+        low_res: torch.Tensor,
+        iou: torch.Tensor,
+        pts: np.ndarray,
+        crop_box: list[int],
+        orig_size: tuple[int, int],
+    ) -> dict[str, Any]:
+        """Low-res logits of some masks -> RLEs, boxes and scores of those that pass the
+        stability and crop-edge filters."""
+        from .masks import encode_rle_batch
+
+        pred = self.predictor
+        model = pred.model
+        orig_h, orig_w = orig_size
         assert pred.input_size is not None and pred.original_size is not None
         masks = model.postprocess_masks(low_res[:, None], pred.input_size, pred.original_size)[:, 0]
         stability = calculate_stability_score(

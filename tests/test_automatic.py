@@ -106,16 +106,20 @@ def _match(ours: list[dict], ref: list[dict]) -> None:
         dict(),
         dict(crop_n_layers=1, crop_n_points_downscale_factor=2, points_per_batch=16),
         dict(min_mask_region_area=300),
+        dict(crop_n_layers=1, crop_n_points_downscale_factor=2, mask_chunk_bytes=1),
+        dict(mask_chunk_bytes=5 * 96 * 128 * 5),
     ],
-    ids=["plain", "crops", "small_regions"],
+    ids=["plain", "crops", "small_regions", "crops_one_mask_at_a_time", "chunks_of_5"],
 )
 def test_generator_matches_reference(amg_pair, extra):
+    """``mask_chunk_bytes`` (ours only) bounds memory without changing the masks."""
     from segment_anything import SamAutomaticMaskGenerator
 
     ours_model, ref_model = amg_pair
     img = synthetic_image(96, 128, seed=3)
     kw = {**SETTINGS, **extra}
     ours = AutomaticMaskGenerator(ours_model, **kw).generate(img)
+    kw.pop("mask_chunk_bytes", None)
     ref = SamAutomaticMaskGenerator(ref_model, **kw).generate(img)
     assert len(ref) >= 8, "settings must keep enough masks for the comparison to bite"
     _match(ours, ref)
@@ -214,5 +218,7 @@ def test_bad_parameters():
         AutomaticMaskGenerator(
             model, points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2
         )
+    with pytest.raises(ValueError, match="mask_chunk_bytes"):
+        AutomaticMaskGenerator(model, mask_chunk_bytes=0)
     with pytest.raises(ValueError, match="downscale_factor must be >= 1"):
         AutomaticMaskGenerator(model, points_per_side=4, crop_n_points_downscale_factor=0)

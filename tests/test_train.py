@@ -168,6 +168,18 @@ def test_split_is_deterministic_and_disjoint():
     np.testing.assert_array_equal(a, a2)
 
 
+def test_held_out_split_does_not_follow_the_sampling_seed(cache_dir, tmp_path):
+    """A run continued with another seed must keep the held-out images of the first run."""
+    from segany.train import make_trainer
+
+    vals = [
+        make_trainer(_config(cache_dir, tmp_path / f"r{i}", **kw), progress=False).val_idx
+        for i, kw in enumerate([{}, {"seed": 7}, {"split_seed": 7}])
+    ]
+    np.testing.assert_array_equal(vals[0], vals[1])
+    assert not np.array_equal(vals[0], vals[2])
+
+
 def test_training_loss_falls(cache_dir, tmp_path):
     cfg = _config(
         cache_dir, tmp_path / "run", steps=30, max_click_rounds=0, prompt_probs=(1.0, 0.0, 0.0)

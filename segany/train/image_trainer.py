@@ -78,7 +78,7 @@ class ImageTrainer(TrainerBase):
         if not self.records:
             raise ValueError("no training images: the config's 'data' lists no dataset")
         self.train_idx, self.val_idx = split_indices(
-            len(self.records), config.val_fraction, config.seed
+            len(self.records), config.val_fraction, config.split_seed
         )
         if len(self.train_idx) < config.images_per_step:
             raise ValueError(

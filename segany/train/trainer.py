@@ -66,7 +66,10 @@ class TrainConfig:
     min_mask_pixels: int = 16  #: masks smaller than this (at the mask frame) are not sampled
     hflip_prob: float = 0.5
     bf16: bool = True
-    seed: int = 0
+    seed: int = 0  #: sampling, augmentation and initialisation
+    #: the held-out split; separate from ``seed`` so a run continued from another (another
+    #: seed) keeps the same held-out images and never trains on them
+    split_seed: int = 0
     val_fraction: float = 0.05  #: images held out of the cache for validation
     val_masks: int = 60
     val_every: int = 250
@@ -445,7 +448,9 @@ class Trainer(TrainerBase):
             p.requires_grad_(False)
         super().__init__(model, config, cache.mask_size)
         self.cache = cache
-        self.train_idx, self.val_idx = split_indices(len(cache), config.val_fraction, config.seed)
+        self.train_idx, self.val_idx = split_indices(
+            len(cache), config.val_fraction, config.split_seed
+        )
         self.usable = self._usable_masks()
 
     # ---------------------------------------------------------------- data

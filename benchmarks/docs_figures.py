@@ -38,11 +38,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DAVIS)
     ap.add_argument("--images", nargs="+", default=["003", "027", "101", "240"])
     ap.add_argument("--out", type=Path, default=Path("docs"))
-    # segany-lite's IoU head and logits are less confident than SAM's: the reference's
-    # defaults (0.88 / 0.95 / offset 1.0) keep no mask, so the figures use lower thresholds.
-    ap.add_argument("--pred-iou-thresh", type=float, default=0.3)
-    ap.add_argument("--stability-score-thresh", type=float, default=0.5)
-    ap.add_argument("--stability-score-offset", type=float, default=0.25)
+    # default: the model's own filter thresholds (segany-lite's are calibrated on held-out
+    # training images; SAM's 0.88 / 0.95 / 1.0 keep no mask with it)
+    ap.add_argument("--pred-iou-thresh", type=float)
+    ap.add_argument("--stability-score-thresh", type=float)
+    ap.add_argument("--stability-score-offset", type=float)
     args = ap.parse_args()
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
     predictor = Predictor(model)

@@ -3,7 +3,7 @@
 By default the images are those of ``--data`` (COCO_panoptic200: every COCO panoptic segment,
 things and stuff, crowd regions flagged) that the trainer holds out for validation: the
 trainer splits the images of its config's ``data`` folders with
-``segany.train.trainer.split_indices(n, val_fraction, seed)``, in the order of the feature
+``segany.train.trainer.split_indices(n, val_fraction, split_seed)``, in the order of the feature
 cache's ``index.json`` (or, without a cache, of the manifests). ``--split all`` takes every
 image; ``--limit N`` the first N of the selection. Nothing here is trained or tuned on.
 
@@ -52,7 +52,7 @@ def held_out_images(config_path: Path) -> set[Path]:
 
     cfg = json.loads(config_path.read_text())
     val_fraction = float(cfg.get("val_fraction", 0.05))
-    seed = int(cfg.get("seed", 0))
+    seed = int(cfg.get("split_seed", 0))  # the held-out split's seed (not the sampling seed)
     index = ROOT / cfg.get("cache_dir", "") / "index.json"
     if cfg.get("cache_dir") and index.is_file():
         paths = [ROOT / img["path"] for img in json.loads(index.read_text())["images"]]
@@ -116,8 +116,9 @@ def main() -> None:
     ap.add_argument("--oracle", action="store_true", help="GT as predictions (expects AP 1)")
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--points-per-batch", type=int, default=64)
-    ap.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    ap.add_argument("--stability-score-thresh", type=float, default=0.95)
+    ap.add_argument("--pred-iou-thresh", type=float, help="default: the model's own")
+    ap.add_argument("--stability-score-thresh", type=float, help="default: the model's own")
+    ap.add_argument("--stability-score-offset", type=float, help="default: the model's own")
     ap.add_argument("--box-nms-thresh", type=float, default=0.7)
     ap.add_argument("--crop-n-layers", type=int, default=0)
     ap.add_argument("--min-mask-region-area", type=int, default=0)
@@ -168,6 +169,7 @@ def main() -> None:
                     points_per_batch=args.points_per_batch,
                     pred_iou_thresh=args.pred_iou_thresh,
                     stability_score_thresh=args.stability_score_thresh,
+                    stability_score_offset=args.stability_score_offset,
                     box_nms_thresh=args.box_nms_thresh,
                     crop_n_layers=args.crop_n_layers,
                     min_mask_region_area=args.min_mask_region_area,

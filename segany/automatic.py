@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .modeling.sam import Sam
 from .predictor import Predictor
+from .registry import generator_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class AutomaticMaskGenerator:
         pred_iou_thresh: keep masks whose predicted IoU is above this.
         stability_score_thresh: keep masks whose stability score is at least this.
         stability_score_offset: logit offset used for the stability score.
+            These three default (None) to the model's own
+            (:func:`segany.registry.generator_defaults`): SAM's 0.88 / 0.95 / 1.0 for the
+            official variants and any unregistered config, calibrated values for segany-lite.
         box_nms_thresh: IoU threshold of box NMS among masks of one crop.
         crop_n_layers: extra layers of image crops (layer i has ``(2**i)**2`` crops).
         crop_nms_thresh: IoU threshold of box NMS between crops.
@@ -56,9 +60,9 @@ class AutomaticMaskGenerator:
         model: Sam,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
+        pred_iou_thresh: float | None = None,
+        stability_score_thresh: float | None = None,
+        stability_score_offset: float | None = None,
         box_nms_thresh: float = 0.7,
         crop_n_layers: int = 0,
         crop_nms_thresh: float = 0.7,
@@ -103,9 +107,16 @@ class AutomaticMaskGenerator:
             self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
         self.predictor = Predictor(model, backend=backend)
         self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.stability_score_offset = stability_score_offset
+        defaults = generator_defaults(model)
+        given = {
+            "pred_iou_thresh": pred_iou_thresh,
+            "stability_score_thresh": stability_score_thresh,
+            "stability_score_offset": stability_score_offset,
+        }
+        settings = {k: float(defaults[k] if v is None else v) for k, v in given.items()}
+        self.pred_iou_thresh = settings["pred_iou_thresh"]
+        self.stability_score_thresh = settings["stability_score_thresh"]
+        self.stability_score_offset = settings["stability_score_offset"]
         self.box_nms_thresh = box_nms_thresh
         self.crop_n_layers = crop_n_layers
         self.crop_nms_thresh = crop_nms_thresh

@@ -248,13 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- commands
 #: AutomaticMaskGenerator settings shared by `auto` and `eval --task everything`:
-#: (option, type, default), the reference's defaults.
+#: (option, type, default), the reference's defaults; None: the model's own (SAM's 0.88 /
+#: 0.95 / 1.0 for official checkpoints, calibrated values for segany-lite).
 _GENERATOR_OPTIONS: tuple[tuple[str, type, Any], ...] = (
     ("points_per_side", int, 32),
     ("points_per_batch", int, 64),
-    ("pred_iou_thresh", float, 0.88),
-    ("stability_score_thresh", float, 0.95),
-    ("stability_score_offset", float, 1.0),
+    ("pred_iou_thresh", float, None),
+    ("stability_score_thresh", float, None),
+    ("stability_score_offset", float, None),
     ("box_nms_thresh", float, 0.7),
     ("crop_n_layers", int, 0),
     ("crop_n_points_downscale_factor", int, 1),
@@ -264,7 +265,14 @@ _GENERATOR_OPTIONS: tuple[tuple[str, type, Any], ...] = (
 
 def _generator_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     for name, kind, default in _GENERATOR_OPTIONS:
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help="default: the model's own (segany models list it)"
+            if default is None
+            else f"default: {default}",
+        )
 
 
 def _generator_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -476,6 +484,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             where = f"--checkpoint {spec.checkpoint_file}"
         mark = "*" if spec.name == DEFAULT_MODEL else " "
         print(f"{mark} {spec.name:<12} {spec.description:<62} {where}")
+        if spec.generator_defaults:
+            own = ", ".join(f"{k} {v:g}" for k, v in spec.generator_defaults.items())
+            print(f"  {'':<12} segment everything defaults: {own}")
     print("* the default (used when neither --model nor --checkpoint is given)")
     return 0
 

@@ -6,8 +6,11 @@ shown in messages so people know where to get them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 from .modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig, ViTEncoderConfig
 
@@ -22,6 +25,9 @@ class ModelSpec:
     checkpoint_file: str | None = None  #: official file name, if any
     url: str | None = None  #: where the official file can be downloaded (never fetched here)
     bundled: str | None = None  #: weights file shipped in ``segany/weights/``, if any
+    #: "segment everything" filter defaults for this variant's weights (see
+    #: :func:`generator_defaults`); empty: SAM's
+    generator_defaults: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -58,6 +64,22 @@ def find_variant(config: SamConfig) -> str | None:
         if spec.config == config:
             return spec.name
     return None
+
+
+#: SAM's AutomaticMaskGenerator filter defaults (the official models' calibration).
+SAM_GENERATOR_DEFAULTS: Mapping[str, float] = MappingProxyType(
+    {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "stability_score_offset": 1.0}
+)
+
+
+def generator_defaults(model: Any) -> dict[str, float]:
+    """The "segment everything" filter thresholds to use with ``model`` when none are given:
+    its registered variant's (chosen on held-out training images for the bundled weights),
+    else SAM's."""
+    config = getattr(model, "config", None)
+    name = find_variant(config) if isinstance(config, SamConfig) else None
+    spec_defaults = get_model_spec(name).generator_defaults if name else {}
+    return {**SAM_GENERATOR_DEFAULTS, **spec_defaults}
 
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -103,6 +125,10 @@ register_model(
         SEGANY_LITE_CONFIG,
         "segany's own offline model (Lite0, 512 px; see MODEL_CARD.md)",
         bundled="segany_lite.safetensors",
+        # chosen by benchmarks/tune_amg_thresholds.py on held-out training images
+        generator_defaults=MappingProxyType(
+            {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.5, "stability_score_offset": 0.25}
+        ),
     )
 )
 

@@ -222,3 +222,31 @@ def test_bad_parameters():
         AutomaticMaskGenerator(model, mask_chunk_bytes=0)
     with pytest.raises(ValueError, match="downscale_factor must be >= 1"):
         AutomaticMaskGenerator(model, points_per_side=4, crop_n_points_downscale_factor=0)
+
+
+def test_filter_defaults_come_from_the_model(monkeypatch):
+    """Unset thresholds take the registered variant's values (segany-lite's are calibrated on
+    held-out training images); SAM's for official variants and unknown configs; explicit
+    values always win."""
+    from segany.registry import SAM_GENERATOR_DEFAULTS, generator_defaults, get_model_spec
+
+    model, _ = make_pair(TINY, seed=1)
+    keys = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset")
+
+    def settings(gen):
+        return {k: getattr(gen, k) for k in keys}
+
+    assert settings(AutomaticMaskGenerator(model)) == dict(SAM_GENERATOR_DEFAULTS)
+    lite = get_model_spec("segany-lite")
+    assert lite.generator_defaults, "segany-lite ships calibrated thresholds"
+    monkeypatch.setattr(model, "config", lite.config)
+    assert settings(AutomaticMaskGenerator(model)) == generator_defaults(model)
+    assert settings(AutomaticMaskGenerator(model)) == {
+        **SAM_GENERATOR_DEFAULTS,
+        **lite.generator_defaults,
+    }
+    gen = AutomaticMaskGenerator(model, pred_iou_thresh=0.5, stability_score_offset=2.0)
+    assert gen.pred_iou_thresh == 0.5 and gen.stability_score_offset == 2.0
+    assert gen.stability_score_thresh == generator_defaults(model)["stability_score_thresh"]
+    monkeypatch.setattr(model, "config", get_model_spec("vit_b").config)
+    assert settings(AutomaticMaskGenerator(model)) == dict(SAM_GENERATOR_DEFAULTS)

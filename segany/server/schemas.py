@@ -134,9 +134,15 @@ class EverythingRequest(_Strict):
     points_per_batch: int = Field(
         default=64, ge=1, le=1024, description="upper bound; lowered to fit the memory budget"
     )
-    pred_iou_thresh: float = Field(default=0.88, ge=0.0, le=1.0)
-    stability_score_thresh: float = Field(default=0.95, ge=0.0, le=1.0)
-    stability_score_offset: float = Field(default=1.0, ge=0.0, le=100.0)
+    pred_iou_thresh: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="default: the model's own (SAM: 0.88)"
+    )
+    stability_score_thresh: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="default: the model's own (SAM: 0.95)"
+    )
+    stability_score_offset: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="default: the model's own (SAM: 1.0)"
+    )
     box_nms_thresh: float = Field(default=0.7, ge=0.0, le=1.0)
     crop_n_layers: int = Field(default=0, ge=0, le=4)
     crop_nms_thresh: float = Field(default=0.7, ge=0.0, le=1.0)

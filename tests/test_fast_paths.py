@@ -130,6 +130,11 @@ def test_decoder_shared_image_terms_are_cached_and_invalidated(high_res, layout)
     assert not torch.allclose(flipped, first)
     other = check(vec + 1.0)  # another dense vector
     assert not torch.allclose(other, flipped)
+    if high_res:  # the high-res terms are cached too: an in-place edit must show
+        with torch.no_grad():
+            high[0].mul_(3.0)
+            high[1].add_(1.0)
+        assert not torch.allclose(check(vec + 1.0), other)
     check(vec, torch.randn(1, 64, 10, 10, generator=g))  # another embedding
 
 

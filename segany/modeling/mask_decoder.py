@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,20 +187,24 @@ class MaskDecoder(nn.Module):
         c1, c2 = dc1.out_channels, dc2.out_channels
         w1 = dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (di, dj, o) x C
         b1 = None if dc1.bias is None else dc1.bias.repeat(4)
-        y = fused_linear(keys.reshape(-1, c), w1, b1).view(b, h, w, 2, 2, c1)
+        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+        b2 = None if dc2.bias is None else dc2.bias.repeat(4)
+        inplace = not torch.is_grad_enabled()
         if self.use_high_res_features:
             if high_res_features is None:
                 raise ValueError("this mask decoder needs high_res_features from its encoder")
-            feat_s0, feat_s1 = high_res_features
-            # 1|B x C/4 x 2h x 2w -> 1|B x h x w x 2 x 2 x C/4
-            y = y + feat_s1.view(-1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1)
-        y = act1(F.layer_norm(y, (c1,), ln1.weight, ln1.bias, ln1.eps)).reshape(-1, c1)
-        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
-        b2 = None if dc2.bias is None else dc2.bias.repeat(4)
+            # the high-res features in the sub-pixel layout, biases folded in
+            hr0, hr1 = self._high_res_terms(high_res_features, h, w, b1, b2)
+            y = fused_linear(keys.reshape(-1, c), w1).view(b, h * w, 4 * c1)
+            y = (y.add_(hr1) if inplace else y + hr1).view(b, h, w, 2, 2, c1)
+        else:
+            y = fused_linear(keys.reshape(-1, c), w1, b1).view(b, h, w, 2, 2, c1)
+        y = F.layer_norm(y, (c1,), ln1.weight, ln1.bias, ln1.eps)
+        y = (torch.ops.aten.gelu_(y) if inplace else act1(y)).reshape(-1, c1)
         if self.use_high_res_features:
-            z = fused_linear(y, w2, b2).view(b, h, w, 2, 2, 2, 2, c2)
-            # (i, j, di1, dj1, di2, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
-            z = act2(z + feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1))
+            z = fused_linear(y, w2).view(b, h * w * 4, 4 * c2)
+            z = z.add_(hr0) if inplace else z + hr0
+            z = torch.ops.aten.gelu_(z) if inplace else act2(z)
         else:
             z = fused_linear(y, w2, b2, gelu=True)
         masks = z.view(b, h * w * 16, c2) @ hyper_in.transpose(1, 2)  # B x sub-pixels x M
@@ -254,6 +260,40 @@ class MaskDecoder(nn.Module):
             )
         return terms
 
+    def _high_res_terms(
+        self,
+        high_res_features: list[torch.Tensor],
+        h: int,
+        w: int,
+        b1: torch.Tensor | None,
+        b2: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The high-res features rearranged to the upscaling's sub-pixel layout, plus the
+        transposed convolutions' biases: ``1|B x hw*4 x 4*C/8`` and ``1|B x hw x 4*C/4``.
+        Kept for the next call on the same features (inference only), as they do not depend
+        on the prompt."""
+        feat_s0, feat_s1 = high_res_features
+        bias1, bias2 = self.output_upscaling[0].bias, self.output_upscaling[3].bias
+        key: tuple[Any, ...] = (feat_s0, feat_s0._version, feat_s1, feat_s1._version)
+        key += tuple(None if t is None else t._version for t in (bias1, bias2))
+        cached = self.__dict__.get("_high_res_cache")
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        c1, c2 = feat_s1.shape[1], feat_s0.shape[1]
+        # 1|B x C/4 x 2h x 2w -> 1|B x h x w x (2 x 2 x C/4)
+        hr1 = feat_s1.view(-1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, h * w, 4 * c1)
+        # (i, j, di1, dj1, di2, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
+        hr0 = feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
+        hr0 = hr0.reshape(-1, h * w * 4, 4 * c2)
+        if b1 is not None:
+            hr1 = hr1 + b1
+        if b2 is not None:
+            hr0 = hr0 + b2
+        terms = (hr0.contiguous(), hr1.contiguous())
+        if not torch.is_grad_enabled() and not tracing():
+            self.__dict__["_high_res_cache"] = (key, terms)
+        return terms
+
     def _subpixel_layers(
         self,
     ) -> tuple[nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU] | None:
@@ -271,3 +311,10 @@ class MaskDecoder(nn.Module):
         ):
             return dc1, ln1, act1, dc2, act2
         return None
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Cache keys: the same tensor objects (identity) and equal other entries."""
+    return len(a) == len(b) and all(
+        x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b)
+    )

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from segany.modeling import MaskDecoderConfig, SamConfig, ViTEncoderConfig, build_sam
+from segany.modeling import (
+    LiteEncoderConfig,
+    MaskDecoderConfig,
+    SamConfig,
+    ViTEncoderConfig,
+    build_sam,
+)
 
 # Tiny but complete: windowed and global blocks, padding in window partition (grid 10 with
 # window 4), 8 decoder heads so the variant is inferable from shapes like the official ones.
@@ -24,6 +30,16 @@ TINY = SamConfig(
         out_chans=32,
     ),
     mask_decoder=MaskDecoderConfig(transformer_mlp_dim=64, iou_head_hidden_dim=32),
+)
+
+#: segany-lite in miniature: Lite0 backbone (random weights) at 128 px, high-res decoder.
+TINY_LITE = SamConfig(
+    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=128, out_chans=32, neck_blocks=1),
+    mask_decoder=MaskDecoderConfig(
+        transformer_mlp_dim=64, iou_head_hidden_dim=32, use_high_res_features=True
+    ),
+    pixel_mean=(127.0, 127.0, 127.0),
+    pixel_std=(128.0, 128.0, 128.0),
 )
 
 

@@ -165,7 +165,7 @@ def test_fuse_bn_matches_eval_mode(include_head: bool) -> None:
         ref = model(x)
         ref_logits = model.classify(x) if include_head else None
     fused = model.fuse_bn()
-    assert fused is model and model.fused
+    assert fused is model and model.bn_folded
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert model.fuse_bn() is model  # idempotent
     with torch.inference_mode():

@@ -254,3 +254,37 @@ def test_masks_identical_to_reference_after_optimize(image):
         ma, _, _ = pa.predict(box=np.array(box))
         mb, _, _ = pb.predict(box=np.array(box))
         assert all(mask_iou(a, b) >= 0.999 for a, b in zip(ma, mb))
+
+
+def test_lite_encoder_folded_backbone_equals_plain():
+    """segany-lite at inference: a batch-norm-folded, channels-last copy of the backbone
+    gives the module's own features, and is rebuilt when a weight changes."""
+    from conftest import TINY_LITE
+
+    model = randomize_(build_sam(TINY_LITE), 2).eval()
+    for m in model.image_encoder.backbone.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    enc = model.image_encoder
+    x = torch.randn(2, 3, enc.img_size, enc.img_size, generator=torch.Generator().manual_seed(0))
+
+    def check():
+        (fe, fh), (pe, ph) = _both(model, lambda: enc(x))
+        torch.testing.assert_close(fe, pe, atol=1e-4, rtol=1e-4)
+        for a, b in zip(fh, ph):
+            assert a.is_contiguous()
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        return fe
+
+    first = check()
+    twin = enc.__dict__["_folded"][1]
+    check()
+    assert enc.__dict__["_folded"][1] is twin  # reused
+    with torch.no_grad():
+        enc.backbone._blocks[0]._bn1.running_var.mul_(4.0)  # in place: a new version
+    assert not torch.allclose(check(), first)
+    assert enc.__dict__["_folded"][1] is not twin
+    with torch.enable_grad():  # autograd runs the module itself
+        out = enc(x.requires_grad_())[0]
+    assert out.requires_grad

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_LITE
 from PIL import Image
 
-from segany.modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig
 from segany.train import losses, prompts
 from segany.train.cache import FeatureCache, ImageRecord, build_cache
 from segany.train.trainer import TrainConfig, Trainer, build_training_model, split_indices
@@ -90,14 +90,6 @@ def test_noisy_box_and_mask():
 
 
 # ----------------------------------------------------------------------------- cache + trainer
-TINY_LITE = SamConfig(
-    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=128, out_chans=32, neck_blocks=1),
-    mask_decoder=MaskDecoderConfig(
-        transformer_mlp_dim=64, iou_head_hidden_dim=32, use_high_res_features=True
-    ),
-    pixel_mean=(127.0, 127.0, 127.0),
-    pixel_std=(128.0, 128.0, 128.0),
-)
 
 
 @pytest.fixture(scope="module")

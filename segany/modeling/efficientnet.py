@@ -432,7 +432,7 @@ class EfficientNetLite(nn.Module):
             self._bn1 = nn.BatchNorm2d(config.head_channels, eps=eps, momentum=mom)
             self._dropout = nn.Dropout(config.dropout)
             self._fc = nn.Linear(config.head_channels, config.num_classes)
-        self.fused = False
+        self.bn_folded = False  #: fuse_bn() ran (not a fast-path switch: see optimize)
 
     def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -476,7 +476,7 @@ class EfficientNetLite(nn.Module):
         """
         if self.training:
             raise ValueError("fuse_bn() folds running statistics: call .eval() first")
-        if self.fused:
+        if self.bn_folded:
             return self
         pairs: list[tuple[nn.Module, str, str]] = [(self, "_conv_stem", "_bn0")]
         for block in self._blocks:
@@ -488,7 +488,7 @@ class EfficientNetLite(nn.Module):
         for owner, conv_name, bn_name in pairs:
             _fold_bn(getattr(owner, conv_name), getattr(owner, bn_name))
             setattr(owner, bn_name, nn.Identity())
-        self.fused = True
+        self.bn_folded = True
         return self
 
 

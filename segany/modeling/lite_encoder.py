@@ -9,11 +9,15 @@ projected to the decoder's upscaling widths (``out_chans/8`` at ``4h``, ``out_ch
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, tracing
+
+CL = torch.channels_last
 
 
 class ConvNeXtBlock(nn.Module):
@@ -77,9 +81,42 @@ class LiteImageEncoder(nn.Module):
         self.neck = FusionNeck((c8, c16, c32), out_chans, neck_blocks)
         self.conv_s0 = nn.Conv2d(c4, out_chans // 8, kernel_size=1)
         self.conv_s1 = nn.Conv2d(c8, out_chans // 4, kernel_size=1)
+        #: Fast path (default): at inference the backbone runs as a copy with its batch norms
+        #: folded into the convolutions, on channels-last tensors (~1.5x faster on CPU).
+        #: False: the module as trained.
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.forward_features(self.backbone(x))
+        backbone = self._inference_backbone()
+        if backbone is None:
+            return self.forward_features(self.backbone(x))
+        emb, high_res = self.forward_features(backbone(x.contiguous(memory_format=CL)))
+        return emb, [f.contiguous() for f in high_res]
+
+    def _inference_backbone(self) -> nn.Module | None:
+        """The folded copy of the backbone (built again whenever a weight changes), or None
+        where the module itself must run: training, autograd, tracing, fast path off, or a
+        backbone that cannot fold."""
+        if (
+            not self.fused
+            or self.training
+            or torch.is_grad_enabled()
+            or tracing()
+            or not hasattr(self.backbone, "fuse_bn")
+        ):
+            return None
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            twin = copy.deepcopy(self.backbone).eval()
+            twin.requires_grad_(False)
+            try:
+                twin.fuse_bn()  # type: ignore[operator]
+            except ValueError:  # e.g. batch norms without running statistics
+                return None
+            self.__dict__["_folded"] = cached = (key, twin)
+        return cached[1]
 
     def forward_features(
         self, feats: list[torch.Tensor]

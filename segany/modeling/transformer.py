@@ -250,8 +250,9 @@ class Attention(nn.Module):
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for ``B x m x k`` and ``B x k x n`` where either batch may be 1 (one GEMM
-    with the batch folded into the rows of ``a`` when only ``b`` is shared)."""
+    """``a @ b`` for ``B x m x k`` and ``B x k x n`` where ``b``'s batch may be 1 (shared,
+    never copied). Every item is its own product of the same shape as for a batch of one,
+    so a batch gives exactly the results of its items one by one."""
     if b.shape[0] == 1 and a.shape[0] > 1:
-        return (a.reshape(-1, a.shape[-1]) @ b[0]).view(a.shape[0], a.shape[1], b.shape[-1])
-    return a @ b
+        b = b.expand(a.shape[0], -1, -1)
+    return torch.bmm(a, b)

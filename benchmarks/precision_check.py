@@ -1,0 +1,104 @@
+"""Reduced precision on the bundled model: bf16 (or fp16) image encoding against fp32.
+
+The speed issue's bar: masks with IoU >= 0.97 against fp32 and NoC unchanged within 0.1 on the
+bundled model's evaluation (val/DAVIS, the standard click protocol). This runs the protocol
+twice on the same instances, fp32 and the reduced precision (``segany.optimize``), and
+compares the first-click masks of the two directly (same click: the first click depends only
+on the ground truth). Also prints the encoding time of both.
+
+    .venv/bin/python benchmarks/precision_check.py --precision bf16 --out artifacts/bf16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import segany
+from segany import Predictor, build_model
+from segany.data import DavisDataset
+from segany.evaluate import evaluate_interactive, mask_iou, next_click
+from segany.optimize import precision_supported
+
+DAVIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "val" / "DAVIS"
+
+
+def first_click_ious(a: Predictor, b: Predictor, ds: DavisDataset, limit: int | None) -> list:
+    """IoU between the two predictors' best first-click masks, instance by instance."""
+    out = []
+    for i in range(len(ds) if limit is None else min(limit, len(ds))):
+        image, gt, ignore = ds.load(i)
+        y, x, _ = next_click(gt, np.zeros_like(gt), ignore, np.zeros_like(gt))
+        masks = []
+        for p in (a, b):
+            p.set_image(image)
+            m, s, _ = p.predict(np.array([[x, y]], dtype=np.float32), np.array([1]))
+            masks.append(m[int(np.argmax(s))])
+        out.append(mask_iou(masks[0], masks[1]))
+    return out
+
+
+def encode_seconds(p: Predictor, image: np.ndarray, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        p.set_image(image)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="model file (default: the bundled segany-lite)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--data", default=str(DAVIS))
+    ap.add_argument("--limit", type=int, help="first N instances only")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not precision_supported(args.precision, torch.device("cpu")):
+        raise SystemExit(f"{args.precision} is not supported natively on this CPU")
+
+    def load():
+        return build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
+
+    fp32 = load()
+    low = segany.optimize(load(), precision=args.precision)
+    ds = DavisDataset(args.data)
+    reports = {
+        name: evaluate_interactive(Predictor(m), ds, limit=args.limit, box=False)
+        for name, m in (("fp32", fp32), (args.precision, low))
+    }
+    ious = first_click_ious(Predictor(fp32), Predictor(low), ds, args.limit)
+    image = ds.load(0)[0]
+    result = {
+        "instances": reports["fp32"]["n_instances"],
+        "noc": {k: r["noc"] for k, r in reports.items()},
+        "miou@1": {k: r["miou_at"][0] for k, r in reports.items()},
+        "miou@5": {k: r["miou_at"][4] for k, r in reports.items()},
+        "first_click_mask_iou_vs_fp32": {
+            "min": float(np.min(ious)),
+            "mean": float(np.mean(ious)),
+            "share_below_0.97": float(np.mean(np.array(ious) < 0.97)),
+        },
+        "encode_s": {
+            "fp32": encode_seconds(Predictor(fp32), image, args.repeats),
+            args.precision: encode_seconds(Predictor(low), image, args.repeats),
+        },
+    }
+    d90 = abs(result["noc"][args.precision]["90"] - result["noc"]["fp32"]["90"])
+    d85 = abs(result["noc"][args.precision]["85"] - result["noc"]["fp32"]["85"])
+    result["noc_within_0.1"] = bool(d90 <= 0.1 and d85 <= 0.1)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

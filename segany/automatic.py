@@ -234,7 +234,8 @@ class AutomaticMaskGenerator:
         # float64 like the reference: the prompt encoder casts after its +0.5 and scaling.
         in_points = torch.as_tensor(coords, device=pred.device)[:, None, :]
         in_labels = torch.ones(in_points.shape[0], 1, dtype=torch.int, device=pred.device)
-        low_res, iou = pred.decode_low_res((in_points, in_labels), None, None, True)
+        floor = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        low_res, iou = pred.decode_low_res((in_points, in_labels), None, None, True, floor)
         n_out = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou = iou.flatten(0, 1)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .modeling.mask_decoder import MaskDecoder
 from .modeling.sam import Sam
 from .transforms import ResizeLongestSide
 
@@ -440,17 +441,21 @@ class Predictor:
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        iou_floor: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder on the cached embedding: ``B x C x 4h x 4w`` logits
-        and ``B x C`` IoU predictions, before any upsampling."""
+        and ``B x C`` IoU predictions, before any upsampling. ``iou_floor``: the caller drops
+        masks whose predicted IoU is not above it, so their logits may be left as zeros."""
         self._require_image()
         if self.backend is not None:
             return self._decode_backend(points, boxes, mask_input, multimask_output)
         model = self.model
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        extra = {}
+        extra: dict[str, Any] = {}
         if self.high_res_features is not None:
             extra["high_res_features"] = self.high_res_features
+        if iou_floor is not None and isinstance(model.mask_decoder, MaskDecoder):
+            extra["iou_floor"] = iou_floor  # a stand-in decoder need not know it
         return model.mask_decoder(
             image_embeddings=self.features,
             image_pe=model.prompt_encoder.get_dense_pe(),

@@ -206,6 +206,23 @@ def test_remove_small_regions_matches_reference():
             np.testing.assert_array_equal(a, b)
 
 
+def test_iou_floor_skips_masks_without_changing_the_result():
+    """With a predicted-IoU threshold the decoder upscales only prompts that can keep a
+    mask; the generator still returns exactly the reference's masks."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    ours_model, ref_model = make_pair(TINY, seed=12)
+    img = synthetic_image(96, 128, seed=3)
+    kw = dict(points_per_side=8, stability_score_thresh=0.0, box_nms_thresh=0.95)
+    every = AutomaticMaskGenerator(ours_model, pred_iou_thresh=0.0, **kw).generate(img)
+    scores = sorted(r["predicted_iou"] for r in every)
+    kw["pred_iou_thresh"] = scores[len(scores) // 2]  # about half the prompts are skipped
+    ours = AutomaticMaskGenerator(ours_model, **kw).generate(img)
+    ref = SamAutomaticMaskGenerator(ref_model, **kw).generate(img)
+    assert 1 <= len(ref) < len(every)
+    _match(ours, ref)
+
+
 def test_bad_parameters():
     model, _ = make_pair(TINY, seed=1)
     with pytest.raises(ValueError, match="exactly one"):

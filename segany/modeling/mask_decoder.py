@@ -66,12 +66,15 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
+        iou_floor: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``.
 
         ``image_embeddings`` is ``1 x C x h x w`` (shared by all B prompts) or ``B x C x h x w``;
         ``high_res_features`` (models with ``use_high_res_features``) are
-        ``[1|B x C/8 x 4h x 4w, 1|B x C/4 x 2h x 2w]``.
+        ``[1|B x C/8 x 4h x 4w, 1|B x C/4 x 2h x 2w]``. ``iou_floor`` (for callers that drop
+        every mask whose predicted IoU is not above it, as the automatic generator does): the
+        fast path may skip the upscaling of such masks and leave zeros in their place.
         """
         sl = slice(1, None) if multimask_output else slice(0, 1)
         if self.fused:
@@ -82,6 +85,7 @@ class MaskDecoder(nn.Module):
                 dense_prompt_embeddings,
                 high_res_features,
                 sl,
+                iou_floor,
             )
         masks, iou_pred = self.predict_masks(
             image_embeddings,
@@ -148,6 +152,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         high_res_features: list[torch.Tensor] | None,
         sl: slice,
+        iou_floor: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_masks` for the mask tokens in ``sl`` only, with the upscaling
         (two 2x2 stride-2 transposed convolutions) as matrix products over sub-pixels."""
@@ -176,6 +181,33 @@ class MaskDecoder(nn.Module):
         )
         hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe)  # keys: B x hw x C
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, sl]
+        if iou_floor is not None and not torch.is_grad_enabled():
+            rows = (iou_pred > iou_floor).any(1).nonzero()[:, 0]
+            if len(rows) < b:  # upscale only the prompts with a mask that can be kept
+                n_out = iou_pred.shape[1]
+                out = hs.new_zeros(b, n_out, 4 * h, 4 * w)
+                if len(rows):
+                    high = high_res_features and [
+                        f[rows] if len(f) == b else f for f in high_res_features
+                    ]
+                    out[rows] = self._upscale(hs[rows], keys[rows], high, sl, h, w)
+                return out, iou_pred
+        return self._upscale(hs, keys, high_res_features, sl, h, w), iou_pred
+
+    def _upscale(
+        self,
+        hs: torch.Tensor,
+        keys: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+        sl: slice,
+        h: int,
+        w: int,
+    ) -> torch.Tensor:
+        """Tokens and image keys after the transformer -> the masks in ``sl``, ``B x M x 4h x
+        4w``: the hypernetwork MLPs and the upscaling as sub-pixel matrix products."""
+        layers = self._subpixel_layers()
+        assert layers is not None
+        b, _, c = keys.shape
         token_ids = range(self.num_mask_tokens)[sl]
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in token_ids], dim=1
@@ -210,7 +242,7 @@ class MaskDecoder(nn.Module):
         masks = z.view(b, h * w * 16, c2) @ hyper_in.transpose(1, 2)  # B x sub-pixels x M
         m = masks.shape[-1]
         masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, m, 4 * h, 4 * w), iou_pred
+        return masks.reshape(b, m, 4 * h, 4 * w)
 
     def _image_terms(
         self,

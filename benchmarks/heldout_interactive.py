@@ -1,0 +1,66 @@
+"""The click protocol on images held out of training: how checkpoints are chosen.
+
+DAVIS is for reporting only, so candidate weights are compared here: the standard interactive
+protocol (``segany.evaluate.evaluate_interactive``: farthest-point clicks on the error, logits
+fed back) on masks of the images the trainer holds out (``val_fraction`` / ``split_seed`` of
+the config), every set of ``../shared/data/train``, an evenly spaced subset of ``--masks``.
+
+    .venv/bin/python benchmarks/heldout_interactive.py \
+        stage2=old.safetensors stage3=artifacts/segany_lite_stage3/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from everything_ap import ROOT, held_out_images
+
+from segany import Predictor, build_model
+from segany.data import ManifestDataset, MaskDataset
+from segany.evaluate import evaluate_interactive
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="NAME=weights.safetensors")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "segany_lite.json"))
+    ap.add_argument("--masks", type=int, default=300)
+    ap.add_argument("--clicks", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    held = held_out_images(Path(args.config))
+    train = ROOT.parent / "shared" / "data" / "train"
+    samples = [
+        s
+        for d in sorted(train.iterdir())
+        if (d / "manifest.jsonl").is_file()
+        for s in ManifestDataset(d)
+        if Path(s.image_path).resolve() in held
+    ]
+    samples = samples[:: max(1, len(samples) // args.masks)][: args.masks]
+    print(f"{len(samples)} held-out masks")
+    ds = MaskDataset(samples, check_files=False)
+    results = {}
+    for name, weights in (m.split("=", 1) for m in args.models):
+        r = evaluate_interactive(
+            Predictor(build_model(checkpoint=weights)), ds, max_clicks=args.clicks
+        )
+        results[name] = {
+            "noc85": r["noc"]["85"],
+            "noc90": r["noc"]["90"],
+            "miou_at": r["miou_at"],
+            "box_miou": r["box_miou"],
+        }
+        miou = " / ".join(f"{v:.3f}" for v in r["miou_at"][:5])
+        print(
+            f"{name}: NoC@85 {r['noc']['85']:.2f}  NoC@90 {r['noc']['90']:.2f}  "
+            f"mIoU@1-5 {miou}  box {r['box_miou']:.3f}"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

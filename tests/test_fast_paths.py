@@ -120,9 +120,9 @@ def test_decoder_shared_image_terms_are_cached_and_invalidated(high_res, layout)
         return ma
 
     first = check(vec)
-    terms = dec.__dict__["_image_cache"][5]
+    terms = dec.__dict__["_image_cache"][1]
     again = check(vec)
-    assert dec.__dict__["_image_cache"][5] is terms  # reused
+    assert dec.__dict__["_image_cache"][1] is terms  # reused
     torch.testing.assert_close(first, again)
     with torch.no_grad():
         emb.mul_(-1.0)  # in place: same tensor object, new version
@@ -135,6 +135,14 @@ def test_decoder_shared_image_terms_are_cached_and_invalidated(high_res, layout)
             high[0].mul_(3.0)
             high[1].add_(1.0)
         assert not torch.allclose(check(vec + 1.0), other)
+        # under autograd nothing cached at inference is reused: gradients reach the features
+        high[1].requires_grad_(True)
+        emb.requires_grad_(True)
+        with torch.enable_grad():
+            masks, _ = dec(emb, pe, sparse, (vec + 1.0).expand(4, -1, 10, 10), True, **extra)
+            masks.square().mean().backward()
+        assert high[1].grad is not None and high[1].grad.abs().sum() > 0
+        assert emb.grad is not None and emb.grad.abs().sum() > 0
     check(vec, torch.randn(1, 64, 10, 10, generator=g))  # another embedding
 
 

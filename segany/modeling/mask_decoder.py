@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,8 @@ from torch import nn
 
 from .common import MLP, LayerNorm2d, fused_linear, tracing
 from .transformer import TwoWayTransformer, image_tokens
+
+_T = TypeVar("_T")
 
 
 class MaskDecoder(nn.Module):
@@ -175,7 +178,7 @@ class MaskDecoder(nn.Module):
             raise ValueError(
                 f"image_embeddings batch {image_embeddings.shape[0]} does not match {b} prompts"
             )
-        _, c, h, w = image_embeddings.shape
+        h, w = image_embeddings.shape[-2:]
         src, pe_tokens, src_with_pe = self._image_terms(
             image_embeddings, image_pe, dense_prompt_embeddings
         )
@@ -190,12 +193,13 @@ class MaskDecoder(nn.Module):
                     high = high_res_features and [
                         f[rows] if len(f) == b else f for f in high_res_features
                     ]
-                    out[rows] = self._upscale(hs[rows], keys[rows], high, sl, h, w)
+                    out[rows] = self._upscale(layers, hs[rows], keys[rows], high, sl, h, w)
                 return out, iou_pred
-        return self._upscale(hs, keys, high_res_features, sl, h, w), iou_pred
+        return self._upscale(layers, hs, keys, high_res_features, sl, h, w), iou_pred
 
     def _upscale(
         self,
+        layers: tuple[nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU],
         hs: torch.Tensor,
         keys: torch.Tensor,
         high_res_features: list[torch.Tensor] | None,
@@ -204,9 +208,8 @@ class MaskDecoder(nn.Module):
         w: int,
     ) -> torch.Tensor:
         """Tokens and image keys after the transformer -> the masks in ``sl``, ``B x M x 4h x
-        4w``: the hypernetwork MLPs and the upscaling as sub-pixel matrix products."""
-        layers = self._subpixel_layers()
-        assert layers is not None
+        4w``: the hypernetwork MLPs and the upscaling (``layers``, see
+        :meth:`_subpixel_layers`) as sub-pixel matrix products."""
         b, _, c = keys.shape
         token_ids = range(self.num_mask_tokens)[sl]
         hyper_in = torch.stack(
@@ -266,31 +269,20 @@ class MaskDecoder(nn.Module):
             src = image_tokens(image_embeddings + dense)
             return src, image_tokens(image_pe), None
         vec = dense[:1, :, :1, :1]
-        cacheable = not torch.is_grad_enabled() and not tracing()
-        cached = self.__dict__.get("_image_cache")
-        if (
-            cacheable
-            and cached is not None
-            and cached[0] is image_embeddings
-            and cached[1] == image_embeddings._version
-            and cached[2] is image_pe
-            and cached[3] == image_pe._version
-            and torch.equal(cached[4], vec)
-        ):
-            return cached[5]
-        src = image_tokens(image_embeddings + vec)
-        pe = image_tokens(image_pe)
-        terms = (src, pe, src + pe)
-        if cacheable:
-            self.__dict__["_image_cache"] = (
-                image_embeddings,
-                image_embeddings._version,
-                image_pe,
-                image_pe._version,
-                vec.clone(),
-                terms,
-            )
-        return terms
+        key: tuple[Any, ...] = (
+            image_embeddings,
+            image_embeddings._version,
+            image_pe,
+            image_pe._version,
+        )
+        key += (tuple(vec.flatten().tolist()),)
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            src = image_tokens(image_embeddings + vec)
+            pe = image_tokens(image_pe)
+            return src, pe, src + pe
+
+        return self._memo("_image_cache", key, compute)
 
     def _high_res_terms(
         self,
@@ -308,23 +300,35 @@ class MaskDecoder(nn.Module):
         bias1, bias2 = self.output_upscaling[0].bias, self.output_upscaling[3].bias
         key: tuple[Any, ...] = (feat_s0, feat_s0._version, feat_s1, feat_s1._version)
         key += tuple(None if t is None else t._version for t in (bias1, bias2))
-        cached = self.__dict__.get("_high_res_cache")
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            c1, c2 = feat_s1.shape[1], feat_s0.shape[1]
+            # 1|B x C/4 x 2h x 2w -> 1|B x h x w x (2 x 2 x C/4)
+            hr1 = feat_s1.view(-1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1)
+            hr1 = hr1.reshape(-1, h * w, 4 * c1)
+            # (i, j, di1, dj1, di2, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
+            hr0 = feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
+            hr0 = hr0.reshape(-1, h * w * 4, 4 * c2)
+            if b1 is not None:
+                hr1 = hr1 + b1
+            if b2 is not None:
+                hr0 = hr0 + b2
+            return hr0.contiguous(), hr1.contiguous()
+
+        return self._memo("_high_res_cache", key, compute)
+
+    def _memo(self, name: str, key: tuple[Any, ...], compute: Callable[[], _T]) -> _T:
+        """``compute()``, kept under ``name`` for the next call with the same ``key`` (tensors
+        compared by identity, the rest by value). Only at inference: under autograd, tracing
+        or compilation it is neither kept nor reused, so gradients always flow."""
+        if torch.is_grad_enabled() or tracing():
+            return compute()
+        cached = self.__dict__.get(name)
         if cached is not None and _same_key(cached[0], key):
             return cached[1]
-        c1, c2 = feat_s1.shape[1], feat_s0.shape[1]
-        # 1|B x C/4 x 2h x 2w -> 1|B x h x w x (2 x 2 x C/4)
-        hr1 = feat_s1.view(-1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, h * w, 4 * c1)
-        # (i, j, di1, dj1, di2, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
-        hr0 = feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
-        hr0 = hr0.reshape(-1, h * w * 4, 4 * c2)
-        if b1 is not None:
-            hr1 = hr1 + b1
-        if b2 is not None:
-            hr0 = hr0 + b2
-        terms = (hr0.contiguous(), hr1.contiguous())
-        if not torch.is_grad_enabled() and not tracing():
-            self.__dict__["_high_res_cache"] = (key, terms)
-        return terms
+        value = compute()
+        self.__dict__[name] = (key, value)
+        return value
 
     def _subpixel_layers(
         self,

@@ -4,6 +4,8 @@ DAVIS is for reporting only, so candidate weights are compared here: the standar
 protocol (``segany.evaluate.evaluate_interactive``: farthest-point clicks on the error, logits
 fed back) on masks of the images the trainer holds out (``val_fraction`` / ``split_seed`` of
 the config), every set of ``../shared/data/train``, an evenly spaced subset of ``--masks``.
+First, the first-click IoU of the candidate the IoU head ranks first against the best one
+(oracle), the largest and the smallest: what the candidate ranking costs.
 
     .venv/bin/python benchmarks/heldout_interactive.py \
         stage2=old.safetensors stage3=artifacts/segany_lite_stage3/model.safetensors
@@ -15,11 +17,33 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from everything_ap import ROOT, held_out_images
 
 from segany import Predictor, build_model
-from segany.data import ManifestDataset, MaskDataset
-from segany.evaluate import evaluate_interactive
+from segany.data import ManifestDataset, MaskDataset, load_sample
+from segany.evaluate import evaluate_interactive, mask_iou, next_click
+
+
+def first_click_ranking(predictor: Predictor, samples) -> dict[str, float]:
+    """Mean first-click IoU of the candidate the IoU head ranks first, of the best candidate
+    (oracle), of the largest and of the smallest: how much the ranking loses."""
+    got: dict[str, list[float]] = {"ranked": [], "oracle": [], "largest": [], "smallest": []}
+    for s in samples:
+        image, gt, ignore = load_sample(s)
+        predictor.set_image(image)
+        click = next_click(gt, np.zeros_like(gt, dtype=bool), ignore)
+        if click is None:
+            continue
+        y, x, _ = click
+        masks, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]))
+        ious = [mask_iou(m, gt, ignore) for m in masks]
+        areas = [int(m.sum()) for m in masks]
+        got["ranked"].append(ious[int(np.argmax(scores))])
+        got["oracle"].append(max(ious))
+        got["largest"].append(ious[int(np.argmax(areas))])
+        got["smallest"].append(ious[int(np.argmin(areas))])
+    return {k: float(np.mean(v)) for k, v in got.items()}
 
 
 def main() -> None:
@@ -44,10 +68,14 @@ def main() -> None:
     ds = MaskDataset(samples, check_files=False)
     results = {}
     for name, weights in (m.split("=", 1) for m in args.models):
-        r = evaluate_interactive(
-            Predictor(build_model(checkpoint=weights)), ds, max_clicks=args.clicks
+        predictor = Predictor(build_model(checkpoint=weights))
+        rank = first_click_ranking(predictor, samples)
+        print(
+            f"{name}: first click, candidate " + "  ".join(f"{k} {v:.3f}" for k, v in rank.items())
         )
+        r = evaluate_interactive(predictor, ds, max_clicks=args.clicks)
         results[name] = {
+            "first_click": rank,
             "noc85": r["noc"]["85"],
             "noc90": r["noc"]["90"],
             "miou_at": r["miou_at"],

@@ -227,3 +227,42 @@ def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch,
     expected = sum(seen) * (2 / 4 if every else 1)  # every-round loss keeps two rounds' weight
     assert float(total) == pytest.approx(expected, rel=1e-6)
     assert total.requires_grad
+
+
+def test_cached_training_of_a_chosen_group_only(cache_dir, tmp_path):
+    """``trainable`` on cached features: the IoU head alone learns, nothing else moves; the
+    backbone (whose features are cached) cannot be chosen; iou_weight is checked."""
+    cfg = _config(
+        cache_dir, tmp_path / "run", steps=3, trainable="mask_decoder.iou_prediction_head.*"
+    )
+    model = build_training_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = Trainer(model, cfg, FeatureCache(cache_dir))
+    for _ in range(3):
+        tr.train_step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
+    with pytest.raises(ValueError, match="backbone"):
+        bad = _config(cache_dir, tmp_path / "bad", trainable="backbone")
+        Trainer(build_training_model(bad), bad, FeatureCache(cache_dir))
+    with pytest.raises(ValueError, match="iou_weight"):
+        _config(cache_dir, tmp_path / "w", iou_weight=float("nan"))
+    with pytest.raises(ValueError, match="lora"):
+        _config(cache_dir, tmp_path / "l", lora={"rank": 2})
+
+
+def test_iou_weight_scales_the_iou_term(cache_dir, tmp_path, monkeypatch):
+    import segany.train.trainer as T
+
+    weights = []
+    real = T.sam_loss
+
+    def spy(*args, **kwargs):
+        weights.append(kwargs.get("iou_weight"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "sam_loss", spy)
+    cfg = _config(cache_dir, tmp_path / "run", iou_weight=4.0)
+    Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir)).train_step()
+    assert weights and set(weights) == {4.0}

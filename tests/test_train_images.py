@@ -326,7 +326,7 @@ def test_example_lora_config_fits_vit_b():
 def test_config_rejects_mode_mismatches(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         TrainConfig(mode="video")
-    with pytest.raises(ValueError, match="settings of mode 'images'"):
+    with pytest.raises(ValueError, match="setting of mode 'images'"):
         TrainConfig(lora={"rank": 2})
     with pytest.raises(ValueError, match="on images"):
         ImageTrainer(build_sam(TINY), TrainConfig(out_dir=str(tmp_path)))

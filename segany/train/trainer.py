@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..modeling.config import SamConfig
 from ..modeling.sam import Sam
 from .cache import FeatureCache
+from .lora import set_trainable
 from .losses import mask_iou, sam_loss
 from .prompts import corrective_click, initial_click, noisy_box, noisy_mask_logits
 
@@ -83,9 +84,14 @@ class TrainConfig:
     model: dict[str, Any] | str = field(default_factory=dict)
     mode: str = "cached"  #: "cached" (feature cache, frozen backbone) or "images"
     device: str = "cpu"  #: torch device of the model and the losses
-    # ---- mode "images" only
-    #: parameter groups to train (see ``segany.train.lora.set_trainable``); None: neck+decoder
+    #: weight of the IoU head's MSE beside the focal + dice mask loss (SAM: 1)
+    iou_weight: float = 1.0
+    #: parameter groups to train (see ``segany.train.lora.set_trainable``); None: what the mode
+    #: trains by default (cached: everything after the backbone; images: neck + decoder). With
+    #: cached features the backbone can never train; e.g. ``"mask_decoder.iou_prediction_head.*"``
+    #: recalibrates the predicted IoU alone
     trainable: str | list[str] | None = None
+    # ---- mode "images" only
     lora: dict[str, Any] | None = None  #: LoRA adapters: {rank, alpha, dropout, targets}
     scale_range: tuple[float, float] = (0.5, 1.5)  #: scale jitter of the longest-side resize
     copy_paste_prob: float = 0.25  #: chance an image gets an object of another batch image
@@ -93,11 +99,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("cached", "images"):
             raise ValueError(f"training mode must be 'cached' or 'images', got {self.mode!r}")
-        if self.mode == "cached" and (self.trainable is not None or self.lora is not None):
-            raise ValueError(
-                "'trainable' and 'lora' are settings of mode 'images' (cached features train "
-                "everything after the frozen backbone)"
-            )
+        if self.mode == "cached" and self.lora is not None:
+            raise ValueError("'lora' is a setting of mode 'images' (the backbone of cached "
+                             "features is frozen; LoRA adapts the backbone)")  # fmt: skip
+        if not math.isfinite(self.iou_weight) or self.iou_weight < 0:
+            raise ValueError(f"iou_weight must be a finite number >= 0, got {self.iou_weight}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
@@ -250,7 +256,13 @@ class TrainerBase:
                 low, iou_pred = self._decode(emb, hr, points, boxes, mask_in, multimask)
                 logits = self._upsample(low)
                 if with_grad:
-                    loss, st = sam_loss(logits, iou_pred, targets, best_of_candidates=multimask)
+                    loss, st = sam_loss(
+                        logits,
+                        iou_pred,
+                        targets,
+                        best_of_candidates=multimask,
+                        iou_weight=cfg.iou_weight,
+                    )
                     total = total + loss
                     for k, v in st.items():
                         stats[f"r{0 if r == 0 else 'last'}_{k}"] = v
@@ -444,6 +456,14 @@ class Trainer(TrainerBase):
         enc = model.image_encoder
         if not hasattr(enc, "forward_features"):
             raise ValueError("cached-feature training needs an encoder with forward_features")
+        if config.trainable is not None:
+            names = set_trainable(model, config.trainable)
+            bad = [n for n in names if n.startswith("image_encoder.backbone.")]
+            if bad:
+                raise ValueError(
+                    f"trainable selects backbone parameters ({bad[0]}, ...): cached features "
+                    "come from a frozen backbone; train it with mode 'images'"
+                )
         for p in enc.backbone.parameters():
             p.requires_grad_(False)
         super().__init__(model, config, cache.mask_size)

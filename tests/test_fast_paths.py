@@ -121,9 +121,20 @@ def test_decoder_shared_image_terms_are_cached_and_invalidated(high_res, layout)
 
     first = check(vec)
     terms = dec.__dict__["_image_cache"][1]
+    projections = dec.__dict__["_first_layer_cache"][1]
     again = check(vec)
     assert dec.__dict__["_image_cache"][1] is terms  # reused
+    assert dec.__dict__["_first_layer_cache"][1] is projections
     torch.testing.assert_close(first, again)
+    # the first layer's kept projections follow its weights (edited in place: fine-tuning)
+    block = dec.transformer.layers[0]
+    for lin in (block.cross_attn_token_to_image.k_proj, block.cross_attn_image_to_token.q_proj):
+        with torch.no_grad():
+            lin.bias.add_(0.5)
+        check(vec)
+        assert dec.__dict__["_first_layer_cache"][1] is not projections
+        projections = dec.__dict__["_first_layer_cache"][1]
+    first = check(vec)
     with torch.no_grad():
         emb.mul_(-1.0)  # in place: same tensor object, new version
     flipped = check(vec)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, fused_linear, tracing
-from .transformer import TwoWayTransformer, image_tokens
+from .transformer import ImageProjections, TwoWayAttentionBlock, TwoWayTransformer, image_tokens
 
 _T = TypeVar("_T")
 
@@ -182,7 +182,8 @@ class MaskDecoder(nn.Module):
         src, pe_tokens, src_with_pe = self._image_terms(
             image_embeddings, image_pe, dense_prompt_embeddings
         )
-        hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe)  # keys: B x hw x C
+        first = None if src_with_pe is None else self._first_layer_terms(src, src_with_pe)
+        hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe, first)  # B x hw x C
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, sl]
         if iou_floor is not None and not torch.is_grad_enabled():
             rows = (iou_pred > iou_floor).any(1).nonzero()[:, 0]
@@ -283,6 +284,29 @@ class MaskDecoder(nn.Module):
             return src, pe, src + pe
 
         return self._memo("_image_cache", key, compute)
+
+    def _first_layer_terms(
+        self, src: torch.Tensor, src_with_pe: torch.Tensor
+    ) -> ImageProjections | None:
+        """The first transformer layer's projections of the shared image tokens (see
+        :meth:`TwoWayAttentionBlock.image_projections`), kept for the next prompts on the same
+        image. Only at inference (computing them for one call would cost more than it saves)
+        and only for SAM's layer with plain, fast-path attention."""
+        if torch.is_grad_enabled() or tracing():
+            return None
+        layers = getattr(self.transformer, "layers", None)
+        if not layers or type(layers[0]) is not TwoWayAttentionBlock:
+            return None
+        block = layers[0]
+        t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+        if not (t2i.fused and i2t.fused and t2i._plain_linears() and i2t._plain_linears()):
+            return None
+        weights = (t2i.k_proj, t2i.v_proj, i2t.q_proj)
+        key: tuple[Any, ...] = (src, src_with_pe)
+        key += tuple(t._version for m in weights for t in (m.weight, m.bias))
+        return self._memo(
+            "_first_layer_cache", key, lambda: block.image_projections(src, src_with_pe)
+        )
 
     def _high_res_terms(
         self,

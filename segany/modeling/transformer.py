@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,16 @@ class TwoWayTransformer(nn.Module):
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
         first_keys_with_pe: torch.Tensor | None = None,
+        first_layer_image: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``B x C x h x w`` (+ its PE), tokens ``B x T x C`` -> (tokens, ``B x hw x C``).
 
         The image and its PE may also come as ``B x hw x C`` tokens, and with batch 1 for B
         prompts (shared, never copied B times). ``first_keys_with_pe`` is ``image + PE`` as
-        tokens when the caller has it already (the same for every prompt on one image).
+        tokens when the caller has it already (the same for every prompt on one image), and
+        ``first_layer_image`` the first layer's projections of it
+        (:meth:`TwoWayAttentionBlock.image_projections`), kept by a caller that decodes many
+        prompts on one image.
         """
         if image_embedding.dim() == 4:
             image_embedding = image_tokens(image_embedding)
@@ -68,6 +73,7 @@ class TwoWayTransformer(nn.Module):
                 query_pe=point_embedding,
                 key_pe=image_pe,
                 keys_with_pe=first_keys_with_pe if i == 0 else None,
+                projected=first_layer_image if i == 0 else None,
             )
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + image_pe, v=keys
@@ -119,8 +125,10 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
         keys_with_pe: torch.Tensor | None = None,
+        projected: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``keys`` (and ``key_pe``, ``keys_with_pe``) may have batch 1 for B queries."""
+        """``keys`` (and ``key_pe``, ``keys_with_pe``) may have batch 1 for B queries.
+        ``projected``: :meth:`image_projections` of these ``keys`` (and ``keys_with_pe``)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -130,12 +138,42 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe if keys_with_pe is None else keys_with_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        if projected is None:
+            attn_out = t2i(q=q, k=k, v=keys)
+        else:
+            attn_out = t2i.attend_projected(q, projected.keys, projected.values)
+        queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe  # keys are unchanged since k was computed
-        keys = self.norm4(self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys))
+        if projected is None:
+            keys = self.norm4(i2t(q=k, k=q, v=queries, residual=keys))
+        else:
+            keys = self.norm4(i2t.attended_by_projected(projected.queries_t, q, queries, keys))
         return queries, keys
+
+    def image_projections(self, keys: torch.Tensor, keys_with_pe: torch.Tensor) -> ImageProjections:
+        """The projections of this block that see the image tokens only (``1 x hw x C``, no
+        prompt): worth keeping when the image is the block's input (the first layer) and many
+        prompts are decoded on it. Each later prompt then saves the ``hw x C`` products of
+        :meth:`Attention._few_queries` and half of :meth:`Attention._few_keys`."""
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        return ImageProjections(
+            keys=t2i.heads(t2i.k_proj(keys_with_pe)),
+            values=t2i.heads(t2i.v_proj(keys)),
+            queries_t=i2t.heads(i2t.q_proj(keys_with_pe)).transpose(-1, -2).contiguous(),
+        )
+
+
+class ImageProjections(NamedTuple):
+    """One image's projections in a :class:`TwoWayAttentionBlock` (see ``image_projections``):
+    token->image keys and values ``1 x heads x hw x d``; image->token queries transposed,
+    ``1 x heads x d x hw``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries_t: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -162,6 +200,39 @@ class Attention(nn.Module):
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x N x internal_dim`` -> contiguous ``B x heads x N x d``."""
+        return self._split(x).contiguous()
+
+    def attend_projected(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` for queries ``B x Nq x C`` on keys and values given already
+        projected, ``1 x heads x Nk x d`` (shared by the B items, never copied)."""
+        b, nq, _ = q.shape
+        qh = self.heads(self.q_proj(q))
+        outs = [
+            F.scaled_dot_product_attention(qh[i : i + 1], keys, values) for i in range(b)
+        ]  # item by item: a batch gives exactly its items' results
+        out = outs[0] if b == 1 else torch.cat(outs)
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
+
+    def attended_by_projected(
+        self,
+        queries_t: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward` (+ ``residual``) for many queries given already projected and
+        transposed, ``1 x heads x d x Nq`` (shared), on a few keys and values ``B x Nk x C``."""
+        b = k.shape[0]
+        d = self.internal_dim // self.num_heads
+        kh = self.heads(self.k_proj(k))  # B x heads x Nk x d
+        scores = [kh[i : i + 1] @ queries_t for i in range(b)]  # 1 x heads x Nk x Nq each
+        scores_t = (scores[0] if b == 1 else torch.cat(scores)) / math.sqrt(d)
+        return self._few_keys_output(scores_t, v, residual)
 
     def forward(
         self,
@@ -234,14 +305,23 @@ class Attention(nn.Module):
         nq, c = q.shape[1], q.shape[2]
         h, d = self.num_heads, self.internal_dim // self.num_heads
         kh = self.k_proj(k).view(b, nk, h, d)
-        vh = self.v_proj(v).view(b, nk, h, d)
         wq = self.q_proj.weight.view(h, d, c)
         e = torch.einsum("bkhd,hdc->bhkc", kh, wq).reshape(b, h * nk, c)
         e_bias = torch.einsum("bkhd,hd->bhk", kh, self.q_proj.bias.view(h, d)).reshape(b, -1, 1)
         # Transposed scores, B x h*Nk x Nq: the softmax then runs over a strided axis of Nk,
         # far faster than over a contiguous axis of a few elements.
         scores = (_bmm(e, q.transpose(1, 2)) + e_bias) / math.sqrt(d)
-        attn = torch.softmax(scores.view(b, h, nk, nq), dim=2).view(b, h * nk, nq)
+        return self._few_keys_output(scores.view(b, h, nk, nq), v, residual)
+
+    def _few_keys_output(
+        self, scores_t: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scaled scores ``B x heads x Nk x Nq`` and values ``B x Nk x C`` (few) -> the
+        output, ``sum_h A_h V_h Wo_h^T + bo`` (+ residual) in one product."""
+        b, h, nk, nq = scores_t.shape
+        c, d = v.shape[2], self.internal_dim // h
+        vh = self.v_proj(v).view(b, nk, h, d)
+        attn = torch.softmax(scores_t, dim=2).view(b, h * nk, nq)
         f = torch.einsum("bkhd,chd->bhkc", vh, self.out_proj.weight.view(c, h, d))
         f = f.reshape(b, h * nk, c) + self.out_proj.bias / h
         if residual is None:

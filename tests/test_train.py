@@ -266,3 +266,21 @@ def test_iou_weight_scales_the_iou_term(cache_dir, tmp_path, monkeypatch):
     cfg = _config(cache_dir, tmp_path / "run", iou_weight=4.0)
     Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir)).train_step()
     assert weights and set(weights) == {4.0}
+
+
+def test_set_weights_steer_which_images_are_drawn(cache_dir, tmp_path):
+    cfg = _config(cache_dir, tmp_path / "run", val_fraction=0.0, images_per_step=2)
+    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    for i, rec in enumerate(tr.cache.images):
+        rec["set"] = "even" if i % 2 == 0 else "odd"
+    tr.cfg.set_weights = {"odd": 0.0}
+    drawn = {i for _ in range(10) for i in tr._sample_batch(tr.train_idx)[0]}
+    assert drawn == {0, 2, 4}
+    tr.cfg.set_weights = {"odd": 0.0, "even": 0.0}
+    with pytest.raises(ValueError, match="fewer images"):
+        tr._sample_batch(tr.train_idx)
+    with pytest.raises(ValueError, match="not in the cache"):
+        bad = _config(cache_dir, tmp_path / "bad", set_weights={"COCO": 2.0})
+        Trainer(build_training_model(bad), bad, FeatureCache(cache_dir))
+    with pytest.raises(ValueError, match="set_weights"):
+        _config(cache_dir, tmp_path / "neg", set_weights={"synthetic": -1.0})

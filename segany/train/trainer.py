@@ -84,6 +84,9 @@ class TrainConfig:
     model: dict[str, Any] | str = field(default_factory=dict)
     mode: str = "cached"  #: "cached" (feature cache, frozen backbone) or "images"
     device: str = "cpu"  #: torch device of the model and the losses
+    #: cached mode: relative chance of drawing an image of each set (``{"CCP_clothing": 0.25}``;
+    #: sets not named weigh 1); None: every image equally likely
+    set_weights: dict[str, float] | None = None
     #: weight of the IoU head's MSE beside the focal + dice mask loss (SAM: 1)
     iou_weight: float = 1.0
     #: parameter groups to train (see ``segany.train.lora.set_trainable``); None: what the mode
@@ -102,6 +105,10 @@ class TrainConfig:
         if self.mode == "cached" and self.lora is not None:
             raise ValueError("'lora' is a setting of mode 'images' (the backbone of cached "
                              "features is frozen; LoRA adapts the backbone)")  # fmt: skip
+        if self.set_weights is not None and not all(
+            math.isfinite(v) and v >= 0 for v in self.set_weights.values()
+        ):
+            raise ValueError(f"set_weights must be finite and >= 0, got {self.set_weights}")
         if not math.isfinite(self.iou_weight) or self.iou_weight < 0:
             raise ValueError(f"iou_weight must be a finite number >= 0, got {self.iou_weight}")
         lo, hi = self.scale_range
@@ -472,6 +479,11 @@ class Trainer(TrainerBase):
             len(cache), config.val_fraction, config.split_seed
         )
         self.usable = self._usable_masks()
+        if config.set_weights:
+            sets = {rec.get("set") for rec in cache.images}
+            unknown = sorted(set(config.set_weights) - sets)
+            if unknown:
+                raise ValueError(f"set_weights names sets not in the cache: {unknown}")
 
     # ---------------------------------------------------------------- data
     def _usable_masks(self) -> dict[int, list[int]]:
@@ -488,7 +500,15 @@ class Trainer(TrainerBase):
 
     def _sample_batch(self, pool: np.ndarray) -> tuple[list[int], list[list[int]], list[bool]]:
         pool = np.array([i for i in pool if int(i) in self.usable])
-        imgs = [int(i) for i in self.rng.choice(pool, self.cfg.images_per_step, replace=False)]
+        weights = self.cfg.set_weights
+        if weights is None:
+            imgs = [int(i) for i in self.rng.choice(pool, self.cfg.images_per_step, replace=False)]
+        else:
+            w = np.array([weights.get(self.cache.images[int(i)].get("set", ""), 1.0) for i in pool])
+            if np.count_nonzero(w) < self.cfg.images_per_step:
+                raise ValueError("set_weights leave fewer images than images_per_step")
+            pick = self.rng.choice(pool, self.cfg.images_per_step, replace=False, p=w / w.sum())
+            imgs = [int(i) for i in pick]
         flips = [bool(self.rng.random() < self.cfg.hflip_prob) for _ in imgs]
         mask_ids = []
         for i in imgs:

@@ -11,6 +11,7 @@ from conftest import TINY, randomize_
 from segany import build_model, build_sam, save_safetensors
 from segany.checkpoint import CheckpointError
 from segany.modeling.image_encoder import Attention as VitAttention
+from segany.optimize import set_fast_paths
 from segany.train.lora import (
     LoRAConfig,
     LoRALinear,
@@ -75,6 +76,10 @@ def test_zero_init_adapter_is_the_base_model_exactly(inputs):
     assert set(base.state_dict()) <= set(model.state_dict())
     assert extra and all(k.endswith((".lora_A", ".lora_B")) for k in extra)
     model.eval()
+    # Bit for bit only on the same computation: adapter-wrapped projections take the plain
+    # attention, the bare model its fast paths (equal within float rounding, test_fast_paths).
+    set_fast_paths(base, False)
+    set_fast_paths(model, False)
     with torch.no_grad():
         ref = _forward(base, *inputs)
         out = _forward(model, *inputs)

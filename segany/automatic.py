@@ -52,7 +52,10 @@ class AutomaticMaskGenerator:
         output_mode: "binary_mask", "uncompressed_rle" or "coco_rle".
         backend: "torch" or "onnxruntime" (see :class:`segany.Predictor`).
         mask_chunk_bytes: full-size float masks are made at most this many bytes at a time
-            (bounds the memory of large photos; the results do not depend on it).
+            (bounds the memory of large photos; the results do not depend on it). Small
+            chunks are also faster on CPU: tensors above glibc's 32 MiB mmap ceiling are
+            fresh pages every time (segany-lite everything, 640 px: 256 MiB 4.3 s, 16 MiB
+            3.3 s, 4 MiB 3.6 s).
     """
 
     def __init__(
@@ -72,7 +75,7 @@ class AutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         backend: str | Any = "torch",
-        mask_chunk_bytes: int = 256 << 20,
+        mask_chunk_bytes: int = 16 << 20,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")

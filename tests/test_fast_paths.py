@@ -307,3 +307,43 @@ def test_lite_encoder_folded_backbone_equals_plain():
     with torch.enable_grad():  # autograd runs the module itself
         out = enc(x.requires_grad_())[0]
     assert out.requires_grad
+
+
+@pytest.mark.parametrize("high_res", [False, True])
+def test_decoder_groups_of_prompts_give_the_whole_batch(high_res):
+    """At inference a big batch is decoded in groups under ``group_bytes``: the same masks
+    and IoUs as one group (up to float rounding: a matrix product of another height may sum
+    in another order), with and without ``iou_floor``; under autograd it is one graph
+    whatever the budget."""
+    cfg = dataclasses.replace(
+        WIDE, mask_decoder=dataclasses.replace(WIDE.mask_decoder, use_high_res_features=high_res)
+    )
+    model = _model(cfg)
+    dec = model.mask_decoder
+    g = torch.Generator().manual_seed(9)
+    emb = torch.randn(1, 64, 10, 10, generator=g)
+    high = [torch.randn(1, 8, 40, 40, generator=g), torch.randn(1, 16, 20, 20, generator=g)]
+    extra = {"high_res_features": high} if high_res else {}
+    sparse = torch.randn(7, 3, 64, generator=g)
+    dense = torch.randn(1, 64, 1, 1, generator=g).expand(7, -1, 10, 10)
+    pe = model.prompt_encoder.get_dense_pe()
+
+    def run(group_bytes, **kw):
+        dec.group_bytes = group_bytes
+        with torch.no_grad():
+            return dec(emb, pe, sparse, dense, True, **extra, **kw)
+
+    whole = run(1 << 30)
+    for budget in (1, 2 * 100 * 64 * 4, 3 * 100 * 64 * 4):  # groups of 1, 2 and 3 prompts
+        for a, b in zip(run(budget), whole):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    floor = float(whole[1].median())
+    grouped, one = run(1, iou_floor=floor), run(1 << 30, iou_floor=floor)
+    assert torch.equal(grouped[0] == 0, one[0] == 0)  # the same prompts skipped
+    for a, b in zip(grouped, one):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    dec.group_bytes = 1
+    emb.requires_grad_(True)
+    masks, _ = dec(emb, pe, sparse, dense, True, **extra)
+    masks.sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0

@@ -60,6 +60,12 @@ class MaskDecoder(nn.Module):
         #: Fast path (default): the upscaling runs as matrix products in a sub-pixel layout
         #: and only the returned masks are computed. False: the reference computation.
         self.fused = True
+        #: Fast path at inference: prompts are decoded in groups whose image-sized activations
+        #: (prompts x hw x C floats) stay under this many bytes. Same results up to float
+        #: rounding (products of another height may sum in another order). Faster on CPU:
+        #: a tensor above glibc's 32 MiB mmap ceiling is fresh memory, a page fault per 4 KiB
+        #: (segany-lite "everything" at 640 px, 64 prompts a batch: 4.7 -> 4.3 s).
+        self.group_bytes = 4 << 20
 
     def forward(
         self,
@@ -81,7 +87,7 @@ class MaskDecoder(nn.Module):
         """
         sl = slice(1, None) if multimask_output else slice(0, 1)
         if self.fused:
-            return self._predict_fast(
+            return self._predict_grouped(
                 image_embeddings,
                 image_pe,
                 sparse_prompt_embeddings,
@@ -98,6 +104,43 @@ class MaskDecoder(nn.Module):
             high_res_features,
         )
         return masks[:, sl], iou_pred[:, sl]
+
+    def _predict_grouped(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+        sl: slice,
+        iou_floor: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_predict_fast` on groups of at most ``group_bytes`` of activations (see
+        there), at inference only: under autograd one graph is kept whole."""
+        b = sparse.shape[0]
+        _, c, h, w = image_embeddings.shape
+        group = max(1, int(self.group_bytes) // (h * w * c * 4))
+        if b <= group or torch.is_grad_enabled() or tracing():
+            return self._predict_fast(
+                image_embeddings, image_pe, sparse, dense, high_res_features, sl, iou_floor
+            )
+
+        def part(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t[i : i + group] if t.shape[0] == b and b > 1 else t
+
+        outs = [
+            self._predict_fast(
+                part(image_embeddings, i),
+                image_pe,
+                sparse[i : i + group],
+                part(dense, i),
+                None if high_res_features is None else [part(f, i) for f in high_res_features],
+                sl,
+                iou_floor,
+            )
+            for i in range(0, b, group)
+        ]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def predict_masks(
         self,

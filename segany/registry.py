@@ -125,10 +125,11 @@ register_model(
         SEGANY_LITE_CONFIG,
         "segany's own offline model (Lite0, 512 px; see MODEL_CARD.md)",
         bundled="segany_lite.safetensors",
-        # chosen by benchmarks/tune_amg_thresholds.py --limit 10 (best F1 at mask IoU 0.5 on
-        # 10 held-out COCO_panoptic200 images); SAM's defaults keep no mask with these weights
+        # chosen by benchmarks/tune_amg_thresholds.py (best F1 at mask IoU 0.5 on the 14
+        # held-out COCO_panoptic200 images; docs/amg_thresholds_segany_lite.json); SAM's
+        # defaults keep no mask with these weights
         generator_defaults=MappingProxyType(
-            {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.6, "stability_score_offset": 0.5}
+            {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.5, "stability_score_offset": 1.0}
         ),
     )
 )

@@ -46,6 +46,28 @@ def test_mask_iou_and_sam_loss_best_of_candidates():
     assert st["iou"] == 1.0 and st["iou_mse"] == pytest.approx(0.0)
 
 
+def test_ranking_term_known_value_and_direction():
+    """Actual IoUs 0 / 1 / 0: the soft target is ~one-hot on candidate 1, so the term is the
+    cross-entropy of softmax(iou_pred / T) at 1; a right order costs less than a wrong one,
+    and only predictions in the right order get a gradient pushing the best one up."""
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1
+    good = torch.where(target > 0, 10.0, -10.0)
+    logits = torch.stack([-good[0], good[0], -good[0]])[None]
+    t = 0.05
+    right = torch.tensor([[0.5, 0.6, 0.5]], requires_grad=True)
+    loss, st = losses.sam_loss(logits, right, target, best_of_candidates=True, rank_weight=1.0)
+    expected = -torch.log_softmax(torch.tensor([0.5, 0.6, 0.5]) / t, 0)[1]
+    assert st["rank"] == pytest.approx(float(expected), rel=1e-4)
+    wrong = torch.tensor([[0.6, 0.5, 0.5]])
+    _, st_wrong = losses.sam_loss(logits, wrong, target, best_of_candidates=True, rank_weight=1.0)
+    assert st_wrong["rank"] > st["rank"]
+    loss.backward()
+    assert right.grad[0, 1] < 0 < right.grad[0, 0]  # descent raises the best, lowers others
+    plain, st_plain = losses.sam_loss(logits, right.detach(), target, best_of_candidates=True)
+    assert "rank" not in st_plain and float(plain) < float(loss)
+
+
 # ----------------------------------------------------------------------------- prompts
 def test_clicks_follow_the_error():
     rng = np.random.default_rng(0)

@@ -49,12 +49,17 @@ def sam_loss(
     dice_weight: float = 1.0,
     iou_weight: float = 1.0,
     best_of_candidates: bool = False,
+    rank_weight: float = 0.0,
+    rank_temperature: float = 0.05,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The SAM loss for ``N`` prompts with ``M`` candidate masks each.
 
     ``logits`` ``N x M x H x W``, ``iou_pred`` ``N x M``, ``targets`` ``N x H x W``. With
     ``best_of_candidates`` (ambiguous prompts) only the candidate with the lowest mask loss
     gets the mask loss; the IoU head is trained on every candidate against its actual IoU.
+    ``rank_weight`` adds a ranking term for several candidates: the cross-entropy between
+    ``softmax(iou_pred / T)`` and ``softmax(actual_iou / T)`` (soft, so near-ties ask for no
+    order), which the MSE alone barely enforces when the predictions sit close together.
     """
     n, m = logits.shape[:2]
     flat = logits.float().flatten(0, 1)
@@ -71,6 +76,12 @@ def sam_loss(
         actual_iou = mask_iou(flat, tgt).view(n, m)
     iou_loss = F.mse_loss(iou_pred.float(), actual_iou, reduction="none").mean(1)
     total = (mask_loss[rows, best] + iou_weight * iou_loss).mean()
+    rank = torch.zeros((), device=logits.device)
+    if rank_weight > 0 and m > 1:
+        target = torch.softmax(actual_iou / rank_temperature, dim=1)
+        logp = torch.log_softmax(iou_pred.float() / rank_temperature, dim=1)
+        rank = -(target * logp).sum(1).mean()
+        total = total + rank_weight * rank
     stats = {
         "loss": float(total.detach()),
         "focal": float(focal[rows, best].mean().detach()),
@@ -78,4 +89,6 @@ def sam_loss(
         "iou_mse": float(iou_loss.mean().detach()),
         "iou": float(actual_iou[rows, best].mean()),
     }
+    if rank_weight > 0 and m > 1:
+        stats["rank"] = float(rank.detach())
     return total, stats

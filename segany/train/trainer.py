@@ -89,6 +89,9 @@ class TrainConfig:
     set_weights: dict[str, float] | None = None
     #: weight of the IoU head's MSE beside the focal + dice mask loss (SAM: 1)
     iou_weight: float = 1.0
+    #: weight of a ranking term on the IoU head for multimask prompts (``sam_loss``'s
+    #: ``rank_weight``; SAM: none)
+    iou_rank_weight: float = 0.0
     #: parameter groups to train (see ``segany.train.lora.set_trainable``); None: what the mode
     #: trains by default (cached: everything after the backbone; images: neck + decoder). With
     #: cached features the backbone can never train; e.g. ``"mask_decoder.iou_prediction_head.*"``
@@ -109,8 +112,10 @@ class TrainConfig:
             math.isfinite(v) and v >= 0 for v in self.set_weights.values()
         ):
             raise ValueError(f"set_weights must be finite and >= 0, got {self.set_weights}")
-        if not math.isfinite(self.iou_weight) or self.iou_weight < 0:
-            raise ValueError(f"iou_weight must be a finite number >= 0, got {self.iou_weight}")
+        for name in ("iou_weight", "iou_rank_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
@@ -269,6 +274,7 @@ class TrainerBase:
                         targets,
                         best_of_candidates=multimask,
                         iou_weight=cfg.iou_weight,
+                        rank_weight=cfg.iou_rank_weight,
                     )
                     total = total + loss
                     for k, v in st.items():

@@ -426,9 +426,10 @@ def test_grabcut_segments_a_clear_object() -> None:
     assert report["box_miou"] > 0.9
 
 
-def test_grabcut_outputs_and_feedback() -> None:
+@pytest.mark.parametrize("from_previous", [False, True])
+def test_grabcut_outputs_and_feedback(from_previous) -> None:
     image, gt = _two_colour(48, 64, seed=1)
-    p = GrabCutPredictor(iterations=2)
+    p = GrabCutPredictor(iterations=2, from_previous=from_previous)
     with pytest.raises(RuntimeError, match="set_image"):
         p.predict(point_coords=[[10, 10]], point_labels=[1])
     p.set_image(image)
@@ -459,6 +460,14 @@ def test_grabcut_outputs_and_feedback() -> None:
     assert not none.any()
     with pytest.raises(ValueError, match="mask_input"):
         p.predict(point_coords=[[3, 3]], point_labels=[1], mask_input=np.zeros((1, 64, 64)))
+    # The previous mask seeds the next round only when asked: an all-object mask_input
+    # with no positive click keeps everything foreground-probable only then.
+    p.set_image(image)
+    full = np.full((1, 256, 256), 10.0, dtype=np.float32)
+    got, _, _ = p.predict(
+        point_coords=[[3, 3]], point_labels=[0], mask_input=full, multimask_output=False
+    )
+    assert got[0].any() == from_previous
 
 
 def test_low_res_round_trip() -> None:

@@ -76,7 +76,7 @@ def sam_loss(
         actual_iou = mask_iou(flat, tgt).view(n, m)
     iou_loss = F.mse_loss(iou_pred.float(), actual_iou, reduction="none").mean(1)
     total = (mask_loss[rows, best] + iou_weight * iou_loss).mean()
-    rank = torch.zeros((), device=logits.device)
+    rank = None
     if rank_weight > 0 and m > 1:
         target = torch.softmax(actual_iou / rank_temperature, dim=1)
         logp = torch.log_softmax(iou_pred.float() / rank_temperature, dim=1)
@@ -89,6 +89,6 @@ def sam_loss(
         "iou_mse": float(iou_loss.mean().detach()),
         "iou": float(actual_iou[rows, best].mean()),
     }
-    if rank_weight > 0 and m > 1:
+    if rank is not None:
         stats["rank"] = float(rank.detach())
     return total, stats

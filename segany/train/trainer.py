@@ -506,15 +506,14 @@ class Trainer(TrainerBase):
 
     def _sample_batch(self, pool: np.ndarray) -> tuple[list[int], list[list[int]], list[bool]]:
         pool = np.array([i for i in pool if int(i) in self.usable])
-        weights = self.cfg.set_weights
-        if weights is None:
-            imgs = [int(i) for i in self.rng.choice(pool, self.cfg.images_per_step, replace=False)]
-        else:
+        weights, p = self.cfg.set_weights, None
+        if weights is not None:
             w = np.array([weights.get(self.cache.images[int(i)].get("set", ""), 1.0) for i in pool])
             if np.count_nonzero(w) < self.cfg.images_per_step:
                 raise ValueError("set_weights leave fewer images than images_per_step")
-            pick = self.rng.choice(pool, self.cfg.images_per_step, replace=False, p=w / w.sum())
-            imgs = [int(i) for i in pick]
+            p = w / w.sum()
+        pick = self.rng.choice(pool, self.cfg.images_per_step, replace=False, p=p)
+        imgs = [int(i) for i in pick]
         flips = [bool(self.rng.random() < self.cfg.hflip_prob) for _ in imgs]
         mask_ids = []
         for i in imgs:

@@ -28,12 +28,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=5, help="GrabCut iterations")
     parser.add_argument("--seed-radius", type=int, default=5, help="click seed disk radius (px)")
+    parser.add_argument(
+        "--from-previous",
+        action="store_true",
+        help="seed each round from GrabCut's previous mask (default: afresh from all clicks)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     dataset = DavisDataset(args.root)
-    predictor = GrabCutPredictor(iterations=args.iterations, seed_radius=args.seed_radius)
+    predictor = GrabCutPredictor(
+        iterations=args.iterations,
+        seed_radius=args.seed_radius,
+        from_previous=args.from_previous,
+    )
     report = evaluate_interactive(
         predictor,
         dataset,
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     report["settings"]["grabcut"] = {
         "iterations": predictor.iterations,
         "seed_radius": predictor.seed_radius,
+        "from_previous": predictor.from_previous,
         "init_radius": "0.1 * min(H, W)"
         if predictor.init_radius is None
         else predictor.init_radius,

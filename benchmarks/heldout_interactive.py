@@ -5,7 +5,8 @@ protocol (``segany.evaluate.evaluate_interactive``: farthest-point clicks on the
 fed back) on masks of the images the trainer holds out (``val_fraction`` / ``split_seed`` of
 the config), every set of ``../shared/data/train``, an evenly spaced subset of ``--masks``.
 First, the first-click IoU of the candidate the IoU head ranks first against the best one
-(oracle), the largest and the smallest: what the candidate ranking costs.
+(oracle), the largest and the smallest: what the candidate ranking costs. ``--davis N``
+prints the same on the first N val/DAVIS instances (reported, never used to choose).
 
     .venv/bin/python benchmarks/heldout_interactive.py \
         stage2=old.safetensors stage3=artifacts/segany_lite_stage3/model.safetensors
@@ -21,8 +22,10 @@ import numpy as np
 from everything_ap import ROOT, held_out_images
 
 from segany import Predictor, build_model
-from segany.data import ManifestDataset, MaskDataset, load_sample
+from segany.data import DavisDataset, ManifestDataset, MaskDataset, load_sample
 from segany.evaluate import evaluate_interactive, mask_iou, next_click
+
+DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
 
 
 def first_click_ranking(predictor: Predictor, samples) -> dict[str, float]:
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--masks", type=int, default=300)
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--davis", type=int, default=0, help="first-click ranking on N DAVIS too")
     args = ap.parse_args()
     held = held_out_images(Path(args.config))
     train = ROOT.parent / "shared" / "data" / "train"
@@ -73,6 +77,13 @@ def main() -> None:
         print(
             f"{name}: first click, candidate " + "  ".join(f"{k} {v:.3f}" for k, v in rank.items())
         )
+        if args.davis:
+            davis = list(DavisDataset(DAVIS))[: args.davis]
+            d_rank = first_click_ranking(predictor, davis)
+            print(
+                f"{name}: DAVIS first {len(davis)}, first click, candidate "
+                + "  ".join(f"{k} {v:.3f}" for k, v in d_rank.items())
+            )
         r = evaluate_interactive(predictor, ds, max_clicks=args.clicks)
         results[name] = {
             "first_click": rank,

@@ -522,8 +522,10 @@ class GrabCutPredictor:
       for positive and definite background for negative clicks, drawn in click order.
 
     Starting from the previous mask lets GrabCut's colour models drift with its own errors:
-    on the first 8 DAVIS instances, 10 clicks, mIoU fell from 0.544 after one click to 0.471
-    after three and 0.523 after ten; started afresh each round it rises to 0.584 and 0.634.
+    on the first 8 DAVIS instances, 10 clicks (``benchmarks/grabcut_baseline.py --limit 8
+    --max-clicks 10``, with and without ``--from-previous``), mIoU fell from 0.544 after one
+    click to 0.471 after three and 0.523 after ten; started afresh each round it rises to
+    0.584 and 0.634.
 
     Then ``iterations`` (5) rounds of GrabCut. OpenCV's random generator is seeded with
     ``rng_seed`` before each call (its GMM initialisation uses k-means), so results repeat.

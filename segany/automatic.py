@@ -54,8 +54,8 @@ class AutomaticMaskGenerator:
         mask_chunk_bytes: full-size float masks are made at most this many bytes at a time
             (bounds the memory of large photos; the results do not depend on it). Small
             chunks are also faster on CPU: tensors above glibc's 32 MiB mmap ceiling are
-            fresh pages every time (segany-lite everything, 640 px: 256 MiB 4.3 s, 16 MiB
-            3.3 s, 4 MiB 3.6 s).
+            fresh pages every time (a one-off run, segany-lite everything at 640 px: 256 MiB
+            4.3 s, 16 MiB 3.3 s, 4 MiB 3.6 s; ``benchmarks/lite_targets.py`` gives the total).
     """
 
     def __init__(

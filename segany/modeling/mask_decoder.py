@@ -64,7 +64,7 @@ class MaskDecoder(nn.Module):
         #: (prompts x hw x C floats) stay under this many bytes. Same results up to float
         #: rounding (products of another height may sum in another order). Faster on CPU:
         #: a tensor above glibc's 32 MiB mmap ceiling is fresh memory, a page fault per 4 KiB
-        #: (segany-lite "everything" at 640 px, 64 prompts a batch: 4.7 -> 4.3 s).
+        #: (one-off run, segany-lite "everything" at 640 px, 64 prompts a batch: 4.7 -> 4.3 s).
         self.group_bytes = 4 << 20
 
     def forward(

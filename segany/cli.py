@@ -177,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_argument_group("interactive")
     g.add_argument("--plot", help="PNG plot of mIoU against clicks")
     g.add_argument("--max-clicks", type=int, default=20)
+    g.add_argument(
+        "--zoom-in",
+        action="store_true",
+        help="predict each click after the first on a crop around the object, encoded at the "
+        "model's input size (RITM's zoom-in; segany.zoom.ZoomInPredictor); also refines the "
+        "first click and the box on such a crop",
+    )
+    g.add_argument(
+        "--flip",
+        action="store_true",
+        help="average every prediction with that of the mirrored image (test-time flip)",
+    )
     g = e.add_argument_group("everything and box")
     g.add_argument("--overlays", help="folder for ground truth | prediction PNGs of a few images")
     g.add_argument("--n-overlays", type=int, default=8, help="images with an overlay (default 8)")
@@ -565,6 +577,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for out in (args.output, args.plot):
         if out:
             _check_output_dir(out)
+    if (args.zoom_in or args.flip) and (args.baseline or args.task != "interactive"):
+        raise CliError("--zoom-in and --flip are for a model's --task interactive")
     dataset = _eval_dataset(args)
     model: Any = None
     if args.baseline == "grabcut":
@@ -574,6 +588,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = _load_model(args)
         predictor = Predictor(model)
         name = args.model or (Path(args.checkpoint).stem if args.checkpoint else "segany-lite")
+        if args.zoom_in or args.flip:
+            from .zoom import ZoomInPredictor
+
+            predictor = ZoomInPredictor(
+                predictor,
+                skip_clicks=1 if args.zoom_in else 10**9,
+                first_click_refine=args.zoom_in,
+                zoom_boxes=args.zoom_in,
+                flip=args.flip,
+            )
+            name += "".join(f" +{k}" for k in ("zoom_in", "flip") if getattr(args, k))
     if args.task != "interactive":
         return _eval_ap(args, dataset, model, predictor, name)
     report = evaluate_interactive(predictor, dataset, max_clicks=args.max_clicks, limit=args.limit)

@@ -379,6 +379,7 @@ def evaluate_interactive(
         raise ValueError("no instances to evaluate (empty dataset or limit=0)")
     report: dict[str, Any] = {
         "predictor": type(predictor).__name__,
+        "predictor_settings": getattr(predictor, "settings", None),
         "n_instances": n,
         "noc": {
             _threshold_key(t): float(np.mean([r["noc"][_threshold_key(t)] for r in per_instance]))

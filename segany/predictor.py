@@ -292,7 +292,7 @@ class Predictor:
             coords_t, labels_t, box_t, mask_t, multimask_output, return_logits
         )
         return (
-            masks.detach().cpu().numpy(),
+            np.ascontiguousarray(masks.detach().cpu().numpy()),  # row-major, as the reference
             iou.detach().float().cpu().numpy(),
             low.detach().float().cpu().numpy(),
         )

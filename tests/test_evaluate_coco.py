@@ -490,3 +490,20 @@ def test_cli_interactive_default_and_coco_json_box_baseline(
     assert code == 0 and json.loads(out.read_text())["n_instances"] == 1
     code = main(["eval", str(manifest), "--image-dir", str(tmp_path), "-o", str(out)])
     assert code == 1 and "--image-dir" in capsys.readouterr().err
+
+
+def test_cli_interactive_zoom_in_and_flip(manifest: Path, ckpt: Path, tmp_path: Path, capsys):
+    from segany.cli import main
+
+    out = tmp_path / "zoom.json"
+    args = ["eval", str(manifest), "--checkpoint", str(ckpt), "--max-clicks", "3", "--limit", "2"]
+    assert main([*args, "--zoom-in", "--flip", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["predictor"] == "ZoomInPredictor" and len(report["miou_at"]) == 3
+    assert report["predictor_settings"]["flip"] is True
+    assert report["predictor_settings"]["first_click_refine"] is True
+    assert "+zoom_in +flip" in capsys.readouterr().out
+    code = main([*args, "--zoom-in", "--task", "box", "-o", str(out)])
+    assert code == 1 and "--zoom-in" in capsys.readouterr().err
+    code = main(["eval", str(manifest), "--baseline", "grabcut", "--flip", "-o", str(out)])
+    assert code == 1 and "--flip" in capsys.readouterr().err

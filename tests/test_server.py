@@ -238,6 +238,53 @@ def test_predict_box_and_mask_input_round_trip(client, image_id, model, image):
         np.testing.assert_array_equal(decoded(r2.json()["masks"]), ref)
 
 
+def test_predict_zoom_in_equals_library(client, image_id, model, image):
+    """zoom_in: the server's answers are ZoomInPredictor's on the cached embedding (the crop
+    encoded per request; previous logits taken from the request's mask_input)."""
+    from segany.zoom import ZoomInPredictor
+
+    lib = ZoomInPredictor(Predictor(model), first_click_refine=True, zoom_boxes=True)
+    lib.set_image(image)
+    r = client.post(
+        f"/v1/images/{image_id}/predict",
+        json={"box": [40, 20, 100, 80], "multimask_output": False, "zoom_in": True},
+    )
+    assert r.status_code == 200, r.text
+    ref, ref_scores, _ = lib.predict(box=np.array([40, 20, 100, 80]), multimask_output=False)
+    np.testing.assert_array_equal(decoded(r.json()["masks"]), ref)
+    np.testing.assert_allclose([m["score"] for m in r.json()["masks"]], ref_scores, rtol=1e-5)
+
+    first = {"points": [[90, 60]], "labels": [1], "return_low_res_logits": True, "zoom_in": True}
+    r = client.post(f"/v1/images/{image_id}/predict", json=first)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    masks, scores, low = lib.predict(np.array([[90, 60]]), np.array([1]))
+    np.testing.assert_array_equal(decoded(out["masks"]), masks)
+    best = out["best"]
+    logits = np.frombuffer(base64.b64decode(out["low_res_logits"][best]), "<f4").reshape(1, 40, 40)
+    np.testing.assert_allclose(logits, low[best : best + 1], atol=1e-5)
+    second = {
+        "points": [[90, 60], [30, 100]],
+        "labels": [1, 0],
+        "mask_input": out["low_res_logits"][best],
+        "multimask_output": False,
+        "zoom_in": True,
+    }
+    r = client.post(f"/v1/images/{image_id}/predict", json=second)
+    assert r.status_code == 200, r.text
+    fresh = ZoomInPredictor(Predictor(model), first_click_refine=True, zoom_boxes=True)
+    fresh.set_image(image)  # no memory of earlier answers, as the server
+    ref, _, _ = fresh.predict(
+        np.array([[90, 60], [30, 100]]),
+        np.array([1, 0]),
+        mask_input=logits.copy(),
+        multimask_output=False,
+    )
+    np.testing.assert_array_equal(decoded(r.json()["masks"]), ref)
+    bad = {"points": [[500, 10]], "labels": [1], "zoom_in": True}
+    assert_error(client.post(f"/v1/images/{image_id}/predict", json=bad), 422, "out of bounds")
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [

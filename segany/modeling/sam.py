@@ -133,6 +133,11 @@ class Sam(nn.Module):
         size = self.img_size
         in_h, in_w = int(input_size[0]), int(input_size[1])
         low = masks.shape[-1]
+        if self.fast_postprocess and masks.dim() == 4 and masks.shape[1] > 1:
+            # Several masks per prompt: PyTorch's CPU bilinear kernel is the channels-last one
+            # (a contiguous B x M x H x W input is converted to it and back); giving it
+            # channels-last tensors skips both copies. Same kernel, bit-identical values.
+            masks = masks.contiguous(memory_format=torch.channels_last)
         if self.fast_postprocess and masks.shape[-2] == low and size % low == 0:
             # Upscale only the low-res rows/columns the crop needs (+1 for the bilinear
             # neighbour): the same scale factor and neighbours, hence the same values.

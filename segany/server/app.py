@@ -347,6 +347,7 @@ def create_app(
             body.mask_input,
             body.multimask_output,
             body.return_low_res_logits,
+            body.zoom_in,
         )
         return result
 

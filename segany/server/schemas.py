@@ -89,6 +89,14 @@ class PredictRequest(_Strict):
         description="3 candidates (good for one ambiguous click) instead of 1",
     )
     return_low_res_logits: bool = False
+    zoom_in: bool = Field(
+        default=False,
+        description="refine on a crop around the object, encoded at the model's input size "
+        "(segany.zoom.ZoomInPredictor): clicks after the first (given with the mask_input of "
+        "the previous answer), the first click's second pass and a box; sharper boundaries, "
+        "at the cost of encoding the crop (milliseconds with segany-lite, seconds for ViT "
+        "models on a CPU)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PredictRequest:

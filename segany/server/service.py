@@ -139,6 +139,7 @@ class SegmentService:
         mask_input: str | None,
         multimask_output: bool,
         return_low_res_logits: bool,
+        zoom_in: bool = False,
     ) -> dict[str, Any]:
         from ..masks import encode_rle_batch
 
@@ -147,7 +148,14 @@ class SegmentService:
                 f"at most {self.settings.max_prompt_points} points per request, got {len(points)}"
             )
         start = time.perf_counter()
-        predictor = entry.restore(Predictor(self.model))
+        predictor: Any = entry.restore(Predictor(self.model))
+        if zoom_in:
+            from ..images import load_image
+            from ..zoom import ZoomInPredictor
+
+            zoom = ZoomInPredictor(predictor, first_click_refine=True, zoom_boxes=True)
+            zoom.set_encoded_image(load_image(entry.data, max_pixels=self.settings.max_pixels))
+            predictor = zoom
         masks, scores, low_res = predictor.predict(
             point_coords=np.asarray(points, dtype=np.float64) if points else None,
             point_labels=np.asarray(labels, dtype=np.int64) if points else None,

@@ -187,14 +187,29 @@ def test_decoder_fast_path_has_gradients():
     )
 
 
+@pytest.mark.parametrize("n_masks", [1, 3])
 @pytest.mark.parametrize("shape", [(120, 180), (37, 301), (160, 160), (301, 37)])
-def test_crop_first_upscaling_is_exact(shape):
-    model = _model()
-    low = torch.randn(2, 3, 40, 40)
+def test_crop_first_upscaling_is_exact(shape, n_masks):
+    """Upscaling to the original size: as two products with per-axis matrices (equal up to
+    float rounding), or, above the products' budget, crop-first with several masks handed to
+    the kernel channels-last (bit-identical)."""
+    from segany.modeling import sam as sam_module
     from segany.transforms import preprocess_shape
 
+    model = _model()
+    low = torch.randn(2, n_masks, 40, 40)
     inp = preprocess_shape(*shape, 160)
     fast, plain = _both(model, lambda: model.postprocess_masks(low, inp, shape))
+    assert fast.shape == plain.shape == (2, n_masks, *shape)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    sure = plain.abs() > 1e-4
+    assert torch.equal((fast > 0)[sure], (plain > 0)[sure])
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp:
+        mp.setattr(sam_module, "RESIZE_PRODUCT_MACS", 0)
+        sam_module._resize_operators.cache_clear()
+        fast, plain = _both(model, lambda: model.postprocess_masks(low, inp, shape))
+    sam_module._resize_operators.cache_clear()
     assert torch.equal(fast, plain)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -132,7 +133,19 @@ class Sam(nn.Module):
         """
         size = self.img_size
         in_h, in_w = int(input_size[0]), int(input_size[1])
+        out_h, out_w = int(original_size[0]), int(original_size[1])
         low = masks.shape[-1]
+        if self.fast_postprocess and masks.shape[-2] == low and masks.is_floating_point():
+            ops = _resize_operators(low, size, in_h, in_w, out_h, out_w, masks.dtype, masks.device)
+            if ops is not None:
+                # Both bilinear resizes (and the crop between them) are linear and act on
+                # rows and columns separately: one small matrix per axis, two products.
+                rows, cols = ops
+                r, c = rows.shape[1], cols.shape[1]
+                m = masks[..., :r, :c]
+                if r * c * out_w + out_h * r * out_w <= out_h * r * c + out_h * c * out_w:
+                    return rows @ (m @ cols.T)
+                return (rows @ m) @ cols.T
         if self.fast_postprocess and masks.dim() == 4 and masks.shape[1] > 1:
             # Several masks per prompt: PyTorch's CPU bilinear kernel is the channels-last one
             # (a contiguous B x M x H x W input is converted to it and back); giving it
@@ -161,3 +174,47 @@ class Sam(nn.Module):
         x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+
+#: ``postprocess_masks`` uses the two-product form while it costs at most this many
+#: multiply-adds per mask (a 480 x 640 photo from SAM's 256 x 256 logits: ~90 M); bigger
+#: outputs use the two bilinear resizes, whose cost grows more slowly with the output.
+RESIZE_PRODUCT_MACS = 200_000_000
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_operators(
+    low: int,
+    size: int,
+    in_h: int,
+    in_w: int,
+    out_h: int,
+    out_w: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows out_h x r, cols out_w x c)``: the reference's upscale of ``low x low`` logits to
+    ``size``, crop to ``in_h x in_w`` and resize to ``out_h x out_w``, as one matrix per axis
+    acting on the first ``r`` rows and ``c`` columns (the others never reach the crop).
+    Built by running those very resizes on identity matrices. None when the
+    products would cost more than :data:`RESIZE_PRODUCT_MACS` per mask, or ``size`` is not a
+    multiple of ``low``."""
+    if size % low:
+        return None
+    f = size // low
+    r, c = min(low, -(-in_h // f) + 1), min(low, -(-in_w // f) + 1)
+    macs = min(r * c * out_w + out_h * r * out_w, out_h * r * c + out_h * c * out_w)
+    if macs > RESIZE_PRODUCT_MACS:
+        return None
+
+    def axis(n: int, crop: int, out: int) -> torch.Tensor:
+        # Resizing an identity gives the resize's matrix; in float32, so that its weights are
+        # the ones the reference computes (their source positions are float32 arithmetic),
+        # then composed in float64.
+        eye = torch.eye(n)[None, None]
+        up = F.interpolate(eye, (n * f, n), mode="bilinear", align_corners=False)[0, 0]
+        eye = torch.eye(crop)[None, None]
+        down = F.interpolate(eye, (out, crop), mode="bilinear", align_corners=False)[0, 0]
+        return (down.double() @ up[:crop].double()).to(dtype=dtype, device=device)
+
+    return axis(r, in_h, out_h), axis(c, in_w, out_w)

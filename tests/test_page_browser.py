@@ -196,3 +196,47 @@ def test_annotate_click_undo_export(browser, server, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "page_browser.png"))
     assert not problems, problems
     context.close()
+
+
+def test_zoom_in_toggle_feeds_back_the_chosen_logits(browser, server, tmp_path):
+    """With zoom-in on, predictions ask the server to refine on a crop, and each click after
+    the first sends the low-res logits of the candidate shown."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(synthetic_image(H, W, seed=5)).save(photo)
+    context = browser.new_context(viewport={"width": 1400, "height": 820})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(server + "/")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_selector("body[data-ready='1']", timeout=20000)
+    page.check("#zoom-in")
+    box = page.locator("#ui-canvas").bounding_box()
+    assert box is not None
+
+    def at(fx: float, fy: float) -> tuple[float, float]:
+        return box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
+
+    def predict_body(action) -> dict:
+        with page.expect_request(lambda r: r.url.endswith("/predict")) as request:
+            action()
+        return request.value.post_data_json
+
+    first = predict_body(lambda: page.mouse.click(*at(0.4, 0.5)))
+    assert first["zoom_in"] is True and first["return_low_res_logits"] is True
+    assert "mask_input" not in first
+    wait_for_mask(page)
+    page.keyboard.press("2")
+    page.wait_for_selector("#candidates button.active >> text=/^2 ·/")
+    second = predict_body(lambda: page.mouse.click(*at(0.7, 0.3), button="right"))
+    assert second["zoom_in"] is True and len(second["points"]) == 2
+    assert isinstance(second["mask_input"], str) and len(second["mask_input"]) > 1000
+    page.wait_for_selector("#candidates button:only-child", timeout=20000)
+    # Z turns it off again: plain requests.
+    page.locator("#ui-canvas").focus()
+    page.keyboard.press("z")
+    assert not page.is_checked("#zoom-in")
+    third = predict_body(lambda: page.mouse.click(*at(0.5, 0.6)))
+    assert "zoom_in" not in third and "mask_input" not in third
+    assert not problems, problems
+    context.close()

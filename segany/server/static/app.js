@@ -11,7 +11,7 @@
     undo: $("undo"), redo: $("redo"), everything: $("everything"), pps: $("pps"),
     showEverything: $("show-everything"), adopt: $("adopt"), newObject: $("new-object"),
     exportCoco: $("export-coco"), exportPolygons: $("export-polygons"),
-    exportLabels: $("export-labels"), exportMask: $("export-mask"),
+    exportLabels: $("export-labels"), exportMask: $("export-mask"), zoomIn: $("zoom-in"),
   };
 
   // ------------------------------------------------------------------ state
@@ -34,7 +34,9 @@
   let scale = 1;
 
   function snapshot() {
-    return JSON.stringify({ objects: S.objects, active: S.active, nextId: S.nextId });
+    // Zoom-in's low-res logits stay out of the undo history (hundreds of KB per step).
+    const drop = (key, value) => (key === "logits" ? undefined : value);
+    return JSON.stringify({ objects: S.objects, active: S.active, nextId: S.nextId }, drop);
   }
 
   /** Records the current state as one undoable step (if anything changed). */
@@ -306,6 +308,7 @@
     obj.points = [];
     obj.box = null;
     obj.masks = [];
+    obj.logits = null;
     obj.selected = 0;
     requestSeq++;
     record();
@@ -346,6 +349,16 @@
       // SAM's advice: three candidates for one ambiguous click, one mask once prompts agree.
       multimask_output: obj.points.length === 1 && !obj.box,
     };
+    if (els.zoomIn.checked) {
+      // Zoom-in refines on a crop around the previous answer: send the chosen candidate's
+      // low-res logits when that answer had exactly the prompts before this click.
+      body.zoom_in = true;
+      body.return_low_res_logits = true;
+      const prev = obj.logits;
+      if (prev && prev.points === obj.points.length - 1 && prev.box === !!obj.box) {
+        body.mask_input = prev.all[Math.min(obj.selected, prev.all.length - 1)];
+      }
+    }
     busy(1);
     const started = performance.now();
     try {
@@ -360,6 +373,9 @@
       if (seq !== requestSeq || !S.objects.includes(obj)) return; // a newer request owns the view
       obj.masks = out.masks;
       obj.selected = out.best;
+      obj.logits = out.low_res_logits
+        ? { points: obj.points.length, box: !!obj.box, all: out.low_res_logits }
+        : null;
       renderAll();
       S.lastRoundTripMs = performance.now() - started;
       S.lastDecodeMs = out.decode_ms;
@@ -675,6 +691,10 @@
     else if (key === "e") segmentEverything();
     else if (key === "v") { S.showEverything = !S.showEverything; els.showEverything.checked = S.showEverything; renderMasks(); }
     else if (key === "h") { S.hideMasks = !S.hideMasks; renderMasks(); }
+    else if (key === "z" && !ctrl) {
+      els.zoomIn.checked = !els.zoomIn.checked;
+      setStatus(`zoom-in refinement ${els.zoomIn.checked ? "on" : "off"}`);
+    }
     else handled = false;
     if (handled) e.preventDefault();
   });

@@ -7,6 +7,9 @@ the config), every set of ``../shared/data/train``, an evenly spaced subset of `
 First, the first-click IoU of the candidate the IoU head ranks first against the best one
 (oracle), the largest and the smallest: what the candidate ranking costs. ``--davis N``
 prints the same on the first N val/DAVIS instances (reported, never used to choose).
+``--zoom-in`` / ``--flip`` add rows with :class:`segany.zoom.ZoomInPredictor` (zoom-in, then
+zoom-in with test-time flips), the settings of ``segany eval --zoom-in [--flip]``; ``--sets``
+keeps some sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse).
 
     .venv/bin/python benchmarks/heldout_interactive.py \
         stage2=old.safetensors stage3=artifacts/segany_lite_stage3/model.safetensors
@@ -24,6 +27,7 @@ from everything_ap import ROOT, held_out_images
 from segany import Predictor, build_model
 from segany.data import DavisDataset, ManifestDataset, MaskDataset, load_sample
 from segany.evaluate import evaluate_interactive, mask_iou, next_click
+from segany.zoom import ZoomInPredictor
 
 DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
 
@@ -57,13 +61,18 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("--davis", type=int, default=0, help="first-click ranking on N DAVIS too")
+    ap.add_argument("--sets", help="comma list of train sets to keep (default: all)")
+    ap.add_argument("--zoom-in", action="store_true", help="add a ZoomInPredictor row")
+    ap.add_argument("--flip", action="store_true", help="add a zoom-in + flip row")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain predictor's row")
     args = ap.parse_args()
+    keep = set(args.sets.split(",")) if args.sets else None
     held = held_out_images(Path(args.config))
     train = ROOT.parent / "shared" / "data" / "train"
     samples = [
         s
         for d in sorted(train.iterdir())
-        if (d / "manifest.jsonl").is_file()
+        if (d / "manifest.jsonl").is_file() and (keep is None or d.name in keep)
         for s in ManifestDataset(d)
         if Path(s.image_path).resolve() in held
     ]
@@ -84,19 +93,28 @@ def main() -> None:
                 f"{name}: DAVIS first {len(davis)}, first click, candidate "
                 + "  ".join(f"{k} {v:.3f}" for k, v in d_rank.items())
             )
-        r = evaluate_interactive(predictor, ds, max_clicks=args.clicks)
-        results[name] = {
-            "first_click": rank,
-            "noc85": r["noc"]["85"],
-            "noc90": r["noc"]["90"],
-            "miou_at": r["miou_at"],
-            "box_miou": r["box_miou"],
-        }
-        miou = " / ".join(f"{v:.3f}" for v in r["miou_at"][:5])
-        print(
-            f"{name}: NoC@85 {r['noc']['85']:.2f}  NoC@90 {r['noc']['90']:.2f}  "
-            f"mIoU@1-5 {miou}  box {r['box_miou']:.3f}"
-        )
+        rows: list[tuple[str, object]] = [] if args.no_plain else [(name, predictor)]
+        if args.zoom_in:
+            rows.append((f"{name} +zoom-in", ZoomInPredictor(predictor)))
+        if args.flip:
+            flipped = ZoomInPredictor(Predictor(predictor.model), flip=True)
+            rows.append((f"{name} +zoom-in +flip", flipped))
+        for row, pred in rows:
+            r = evaluate_interactive(pred, ds, max_clicks=args.clicks)
+            results[row] = {
+                "first_click": rank,
+                "noc85": r["noc"]["85"],
+                "noc90": r["noc"]["90"],
+                "miou_at": r["miou_at"],
+                "box_miou": r["box_miou"],
+                "seconds_per_prediction": r["seconds_per_prediction"],
+            }
+            miou = " / ".join(f"{v:.3f}" for v in r["miou_at"][:5])
+            print(
+                f"{row}: NoC@85 {r['noc']['85']:.2f}  NoC@90 {r['noc']['90']:.2f}  "
+                f"mIoU@1-5 {miou}  @{args.clicks} {r['miou_at'][-1]:.3f}  "
+                f"box {r['box_miou']:.3f}  {1000 * r['seconds_per_prediction']:.0f} ms/prediction"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -3,8 +3,8 @@
 Quality on val/DAVIS (never trained or tuned on) under the standard click protocol, and speed
 on this machine: encoding a 1024-px photo, decoding one prompt, "segment everything" on a
 640-px photo. Prints a table and writes JSON (``--out``). ``--zoom-in`` adds the same protocol
-with :class:`segany.zoom.ZoomInPredictor` (clicks after the first, the first click's second pass
-and the box on a crop around the object) and ``--flip`` with test-time flips on top, each with
+with :class:`segany.zoom.ZoomInPredictor` (clicks after the first and the first click's second
+pass on a crop around the object) and ``--flip`` with test-time flips on top, each with
 its seconds per prediction; the targets are checked on the plain predictor and on the best row.
 
     .venv/bin/python benchmarks/lite_targets.py --checkpoint artifacts/segany_lite_run/model.safetensors
@@ -111,12 +111,11 @@ def main() -> None:
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
     ds = DavisDataset(args.data)
     reports = {"segany-lite": evaluate_interactive(Predictor(model), ds, limit=args.limit)}
-    refine = dict(first_click_refine=True, zoom_boxes=True)
     if args.zoom_in:
-        zoom = ZoomInPredictor(Predictor(model), **refine)
+        zoom = ZoomInPredictor(Predictor(model))
         reports["segany-lite +zoom-in"] = evaluate_interactive(zoom, ds, limit=args.limit)
     if args.flip:
-        zoom = ZoomInPredictor(Predictor(model), flip=True, **refine)
+        zoom = ZoomInPredictor(Predictor(model), flip=True)
         reports["segany-lite +zoom-in +flip"] = evaluate_interactive(zoom, ds, limit=args.limit)
     if args.grabcut_report:
         gc = json.loads(Path(args.grabcut_report).read_text())

@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--zoom-in",
         action="store_true",
         help="predict each click after the first on a crop around the object, encoded at the "
-        "model's input size (RITM's zoom-in; segany.zoom.ZoomInPredictor); also refines the "
-        "first click and the box on such a crop",
+        "model's input size (RITM's zoom-in; segany.zoom.ZoomInPredictor), and decode the "
+        "first click a second time on a crop around its mask",
     )
     g.add_argument(
         "--flip",
@@ -595,7 +595,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 predictor,
                 skip_clicks=1 if args.zoom_in else 10**9,
                 first_click_refine=args.zoom_in,
-                zoom_boxes=args.zoom_in,
                 flip=args.flip,
             )
             name += "".join(f" +{k}" for k in ("zoom_in", "flip") if getattr(args, k))

@@ -108,6 +108,9 @@ class ZoomInPredictor:
             second click on).
         expansion: the region of interest is the object's box times this factor.
         min_crop: the shortest crop side, as a fraction of the image's longest side.
+            The defaults (2.0, 0.3) were chosen on masks held out of segany-lite's training:
+            RITM's tighter 1.4 helped whole objects and hurt parts and stuff regions, whose
+            first mask is often a piece of the target that a tight crop then cuts off.
         recompute_iou: a crop is kept while the next region lies inside it and overlaps it
             by at least this much; otherwise the new region is encoded.
         first_click_refine: decode a whole-image first click a second time on a crop around
@@ -122,10 +125,10 @@ class ZoomInPredictor:
         predictor: Predictor,
         *,
         skip_clicks: int = 1,
-        expansion: float = 1.4,
-        min_crop: float = 0.2,
+        expansion: float = 2.0,
+        min_crop: float = 0.3,
         recompute_iou: float = 0.7,
-        first_click_refine: bool = False,
+        first_click_refine: bool = True,
         zoom_boxes: bool = False,
         flip: bool = False,
     ) -> None:

@@ -243,7 +243,7 @@ def test_predict_zoom_in_equals_library(client, image_id, model, image):
     encoded per request; previous logits taken from the request's mask_input)."""
     from segany.zoom import ZoomInPredictor
 
-    lib = ZoomInPredictor(Predictor(model), first_click_refine=True, zoom_boxes=True)
+    lib = ZoomInPredictor(Predictor(model))
     lib.set_image(image)
     r = client.post(
         f"/v1/images/{image_id}/predict",
@@ -272,7 +272,7 @@ def test_predict_zoom_in_equals_library(client, image_id, model, image):
     }
     r = client.post(f"/v1/images/{image_id}/predict", json=second)
     assert r.status_code == 200, r.text
-    fresh = ZoomInPredictor(Predictor(model), first_click_refine=True, zoom_boxes=True)
+    fresh = ZoomInPredictor(Predictor(model))
     fresh.set_image(image)  # no memory of earlier answers, as the server
     ref, _, _ = fresh.predict(
         np.array([[90, 60], [30, 100]]),

@@ -58,7 +58,7 @@ def test_object_roi_known_values():
 def test_without_zoom_or_flip_it_is_the_predictor(model, image):
     plain = Predictor(model)
     plain.set_image(image)
-    zoom = ZoomInPredictor(Predictor(model), skip_clicks=100)
+    zoom = ZoomInPredictor(Predictor(model), skip_clicks=100, first_click_refine=False)
     zoom.set_image(image)
     pts, lab = np.array([[60.0, 40.0]]), np.array([1])
     m0, s0, l0 = plain.predict(pts, lab, return_logits=True)
@@ -137,7 +137,7 @@ def test_crop_is_kept_while_the_object_stays_inside(model, image):
 
 
 def test_flip_averages_the_mirrored_prediction(model, image):
-    zoom = ZoomInPredictor(Predictor(model), flip=True, skip_clicks=100)
+    zoom = ZoomInPredictor(Predictor(model), flip=True, skip_clicks=100, first_click_refine=False)
     zoom.set_image(image)
     pts, lab = np.array([[60.0, 40.0], [150.0, 100.0]]), np.array([1, 0])
     got, got_scores, _ = zoom.predict(pts, lab, return_logits=True)

@@ -93,7 +93,7 @@ class PredictRequest(_Strict):
         default=False,
         description="refine on a crop around the object, encoded at the model's input size "
         "(segany.zoom.ZoomInPredictor): clicks after the first (given with the mask_input of "
-        "the previous answer), the first click's second pass and a box; sharper boundaries, "
+        "the previous answer) and the first click's second pass; sharper boundaries, "
         "at the cost of encoding the crop (milliseconds with segany-lite, seconds for ViT "
         "models on a CPU)",
     )

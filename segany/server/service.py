@@ -153,7 +153,7 @@ class SegmentService:
             from ..images import load_image
             from ..zoom import ZoomInPredictor
 
-            zoom = ZoomInPredictor(predictor, first_click_refine=True, zoom_boxes=True)
+            zoom = ZoomInPredictor(predictor)
             zoom.set_encoded_image(load_image(entry.data, max_pixels=self.settings.max_pixels))
             predictor = zoom
         masks, scores, low_res = predictor.predict(

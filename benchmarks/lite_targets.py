@@ -111,9 +111,11 @@ def main() -> None:
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
     ds = DavisDataset(args.data)
     reports = {"segany-lite": evaluate_interactive(Predictor(model), ds, limit=args.limit)}
+    print(json.dumps({"segany-lite": _summary(reports["segany-lite"]["per_instance"])}))
     if args.zoom_in:
         zoom = ZoomInPredictor(Predictor(model))
         reports["segany-lite +zoom-in"] = evaluate_interactive(zoom, ds, limit=args.limit)
+        print(json.dumps({"+zoom-in": _summary(reports["segany-lite +zoom-in"]["per_instance"])}))
     if args.flip:
         zoom = ZoomInPredictor(Predictor(model), flip=True)
         reports["segany-lite +zoom-in +flip"] = evaluate_interactive(zoom, ds, limit=args.limit)
@@ -124,8 +126,9 @@ def main() -> None:
         n = min(x for x in (args.limit, args.grabcut_limit, len(ds)) if x is not None)
         reports[f"GrabCut (first {n})"] = evaluate_interactive(GrabCutPredictor(), ds, limit=n)
     result = {name: _summary(r["per_instance"], r) for name, r in reports.items()}
-    if len(reports) > 1:  # segany-lite on exactly the instances GrabCut saw
-        n = next(v["n"] for k, v in result.items() if k.startswith("GrabCut"))
+    grabcut = [v["n"] for k, v in result.items() if k.startswith("GrabCut")]
+    if grabcut:  # segany-lite on exactly the instances GrabCut saw
+        n = grabcut[0]
         result[f"segany-lite (first {n})"] = _summary(reports["segany-lite"]["per_instance"][:n])
     result["speed"] = speed(model, Path(args.data) / "images" / "001.jpg", args.repeats)
     print(json.dumps(result, indent=2))

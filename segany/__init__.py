@@ -29,6 +29,7 @@ __all__ = [
     "Predictor",
     "Sam",
     "SamConfig",
+    "ZoomInPredictor",
     "build_model",
     "build_sam",
     "get_model_spec",
@@ -46,6 +47,10 @@ def __getattr__(name: str) -> Any:
         from .automatic import AutomaticMaskGenerator
 
         return AutomaticMaskGenerator
+    if name == "ZoomInPredictor":
+        from .zoom import ZoomInPredictor
+
+        return ZoomInPredictor
     if name in ("load_image", "ImageLoadError"):
         from . import images
 

@@ -129,7 +129,7 @@ register_model(
         # held-out COCO_panoptic200 images; docs/amg_thresholds_segany_lite.json); SAM's
         # defaults keep no mask with these weights
         generator_defaults=MappingProxyType(
-            {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.5, "stability_score_offset": 1.0}
+            {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.7, "stability_score_offset": 0.5}
         ),
     )
 )

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--overlay", help="write an overlay PNG of the mask(s) and prompts")
     s.add_argument("--json", help="write scores, areas and boxes of the candidates as JSON")
+    s.add_argument(
+        "--zoom-in",
+        action="store_true",
+        help="decode the clicks a second time on a crop around the best mask, encoded at the "
+        "model's input size (sharper boundaries; segany.ZoomInPredictor); one object only",
+    )
     _model_args(s)
 
     a = sub.add_parser(
@@ -321,8 +327,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for out in (args.output, args.overlay, args.json):
         if out:
             _check_output_dir(out)
+    if args.zoom_in and len(args.box) > 1:
+        raise CliError("--zoom-in refines one object: give points and/or one --box")
     image = _load_image(args.image, args)
-    predictor = Predictor(_load_model(args))
+    predictor: Any = Predictor(_load_model(args))
+    if args.zoom_in:
+        from .zoom import ZoomInPredictor
+
+        predictor = ZoomInPredictor(predictor)
     predictor.set_image(image)
     coords = np.array([p[:2] for p in args.point], dtype=np.float64) if args.point else None
     labels = np.array([p[2] for p in args.point], dtype=np.int64) if args.point else None

@@ -86,6 +86,24 @@ def test_segment_point_writes_best_mask(ckpt, photo, tmp_path, capsys):
     assert np.array(Image.open(tmp_path / "ov.png")).shape == (90, 120, 3)
 
 
+def test_segment_zoom_in_is_the_zoom_predictor(ckpt, photo, tmp_path, capsys):
+    from segany.zoom import ZoomInPredictor
+
+    out = tmp_path / "mask.png"
+    args = ["segment", photo, "--point", "40,30", "-o", out, "--checkpoint", ckpt, "--zoom-in"]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "wrote" in stdout
+    zoom = ZoomInPredictor(Predictor(build_model(checkpoint=ckpt)))
+    zoom.set_image(np.array(Image.open(photo)))
+    masks, scores, _ = zoom.predict(np.array([[40, 30]]), np.array([1]))
+    np.testing.assert_array_equal(np.array(Image.open(out)) > 0, masks[scores.argmax()])
+    boxes = ["--box", "1,1,20,20", "--box", "30,30,60,60"]
+    code, _, err = run(
+        ["segment", photo, *boxes, "-o", out, "--checkpoint", ckpt, "--zoom-in"], capsys
+    )
+    assert_one_line_error(code, err, "--zoom-in")
+
+
 def test_segment_several_boxes_writes_label_map(ckpt, photo, tmp_path, capsys):
     out = tmp_path / "labels.png"
     code, _, _ = run(

@@ -8,7 +8,8 @@ First, the first-click IoU of the candidate the IoU head ranks first against the
 (oracle), the largest and the smallest: what the candidate ranking costs. ``--davis N``
 prints the same on the first N val/DAVIS instances (reported, never used to choose).
 ``--zoom-in`` / ``--flip`` add rows with :class:`segany.zoom.ZoomInPredictor` (zoom-in, then
-zoom-in with test-time flips), the settings of ``segany eval --zoom-in [--flip]``; ``--sets``
+zoom-in with test-time flips), the settings of ``segany eval --zoom-in [--flip]`` unless
+``--expansion``, ``--min-crop`` or ``--zoom-boxes`` change them; ``--sets``
 keeps some sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse).
 
     .venv/bin/python benchmarks/heldout_interactive.py \
@@ -64,6 +65,9 @@ def main() -> None:
     ap.add_argument("--sets", help="comma list of train sets to keep (default: all)")
     ap.add_argument("--zoom-in", action="store_true", help="add a ZoomInPredictor row")
     ap.add_argument("--flip", action="store_true", help="add a zoom-in + flip row")
+    ap.add_argument("--expansion", type=float, default=2.0, help="zoom-in crop growth")
+    ap.add_argument("--min-crop", type=float, default=0.3, help="zoom-in shortest crop side")
+    ap.add_argument("--zoom-boxes", action="store_true", help="zoom-in: boxes on a crop too")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain predictor's row")
     args = ap.parse_args()
     keep = set(args.sets.split(",")) if args.sets else None
@@ -94,10 +98,11 @@ def main() -> None:
                 + "  ".join(f"{k} {v:.3f}" for k, v in d_rank.items())
             )
         rows: list[tuple[str, object]] = [] if args.no_plain else [(name, predictor)]
+        zoom = dict(expansion=args.expansion, min_crop=args.min_crop, zoom_boxes=args.zoom_boxes)
         if args.zoom_in:
-            rows.append((f"{name} +zoom-in", ZoomInPredictor(predictor)))
+            rows.append((f"{name} +zoom-in", ZoomInPredictor(predictor, **zoom)))
         if args.flip:
-            flipped = ZoomInPredictor(Predictor(predictor.model), flip=True)
+            flipped = ZoomInPredictor(Predictor(predictor.model), flip=True, **zoom)
             rows.append((f"{name} +zoom-in +flip", flipped))
         for row, pred in rows:
             r = evaluate_interactive(pred, ds, max_clicks=args.clicks)

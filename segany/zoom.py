@@ -196,44 +196,44 @@ class ZoomInPredictor:
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Encodes the whole ``H x W x 3`` uint8 image (and its mirror with ``flip``); crops
         are encoded when a prediction needs them."""
-        from .images import validate_image_array
-
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = validate_image_array(image)
-        if image_format != self.full.model.image_format:
-            image = image[..., ::-1]
+        image = self._in_model_format(image, image_format)
         self.reset_image()
-        fmt = self.full.model.image_format
-        self.full.set_image(image, fmt)
-        if self.full_mirror is not None:
-            self.full_mirror.set_image(np.ascontiguousarray(image[:, ::-1]), fmt)
-        self._image = np.ascontiguousarray(image)
+        self.full.set_image(image, self.full.model.image_format)
+        self._attach(image)
 
     def set_encoded_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Like :meth:`set_image`, but keeps the embedding the wrapped predictor already holds,
         which must have been computed from ``image`` (e.g. restored from a cache or a file);
         only the mirror (``flip``) is encoded."""
-        from .images import validate_image_array
-
         if not self.full.is_image_set:
             raise RuntimeError("the wrapped predictor holds no embedding: call set_image")
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = validate_image_array(image)
-        if image_format != self.full.model.image_format:
-            image = image[..., ::-1]
+        image = self._in_model_format(image, image_format)
         if tuple(image.shape[:2]) != tuple(self.full.original_size or ()):
             raise ValueError(
                 f"image is {image.shape[1]} x {image.shape[0]} but the embedding was made from "
                 f"a {self.full.orig_w} x {self.full.orig_h} image"
             )
         self._forget()
+        self._attach(image)
+
+    def _in_model_format(self, image: np.ndarray, image_format: str) -> np.ndarray:
+        """The checked ``H x W x 3`` uint8 image in the model's channel order."""
+        from .images import validate_image_array
+
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = validate_image_array(image)
+        if image_format != self.full.model.image_format:
+            image = image[..., ::-1]
+        return np.ascontiguousarray(image)
+
+    def _attach(self, image: np.ndarray) -> None:
+        """Keeps ``image`` (model channel order) for crops; encodes its mirror with ``flip``."""
         if self.full_mirror is not None:
             self.full_mirror.set_image(
                 np.ascontiguousarray(image[:, ::-1]), self.full.model.image_format
             )
-        self._image = np.ascontiguousarray(image)
+        self._image = image
 
     # ------------------------------------------------------------------ frames
     @property
@@ -265,17 +265,11 @@ class ZoomInPredictor:
         return cv2.resize(crop, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
 
     def _previous_logits(self, mask_input: Any) -> np.ndarray:
+        """Full-size logits behind a ``mask_input`` that :meth:`predict` has already checked
+        (shape and finiteness, by the wrapped predictor's prompt checks)."""
         assert self._image is not None
         m = self._low_side
-        low = np.asarray(mask_input, dtype=np.float32)
-        if low.shape not in ((m, m), (1, m, m)):
-            raise ValueError(
-                f"mask_input must be 1 x {m} x {m} low-res logits (as returned by predict), "
-                f"got shape {low.shape}"
-            )
-        if not np.isfinite(low).all():
-            raise ValueError("mask_input contains NaN or infinite values")
-        low = low.reshape(m, m)
+        low = np.asarray(mask_input, dtype=np.float32).reshape(m, m)
         if self._last_low is not None and self._last_full is not None:
             for c in range(len(self._last_low)):
                 if np.array_equal(low, self._last_low[c]):
@@ -334,7 +328,9 @@ class ZoomInPredictor:
             raw = None if mask_input is None else np.asarray(mask_input, dtype=np.float32)
             full, scores, own_low = self._decode(None, prev, raw, pts, lab, bx, multimask_output)
             if self.first_click_refine and prev is None and bx is None and n_points:
-                full, scores = self._refine_first(full, scores, pts, lab, multimask_output)
+                full, scores = self._refine_first(
+                    full, scores, pts, lab, positive, multimask_output
+                )
                 own_low = None
         else:
             full, scores, _ = self._decode(roi, prev, None, pts, lab, bx, multimask_output)
@@ -424,7 +420,7 @@ class ZoomInPredictor:
             else:
                 m_in = None if p is None else self._to_low(p)[None]
             masks, scores, low = predictor.predict(
-                c, labels if c is not None else None, b, m_in, multimask_output, return_logits=True
+                c, labels, b, m_in, multimask_output, return_logits=True
             )
             if rect is None and not mirrored:
                 own_low = low
@@ -451,12 +447,12 @@ class ZoomInPredictor:
         scores: np.ndarray,
         pts: np.ndarray | None,
         lab: np.ndarray | None,
+        positive: np.ndarray | None,
         multimask_output: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Second pass of a whole-image click on a crop around the best-scored candidate."""
         best = int(np.argmax(scores))
         chosen = full[best]
-        positive = None if pts is None or lab is None else pts[lab == 1]
         rect = self._roi(chosen > 0, positive)
         if rect is None:
             return full, scores

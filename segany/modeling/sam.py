@@ -140,12 +140,9 @@ class Sam(nn.Module):
             if ops is not None:
                 # Both bilinear resizes (and the crop between them) are linear and act on
                 # rows and columns separately: one small matrix per axis, two products.
-                rows, cols = ops
-                r, c = rows.shape[1], cols.shape[1]
-                m = masks[..., :r, :c]
-                if r * c * out_w + out_h * r * out_w <= out_h * r * c + out_h * c * out_w:
-                    return rows @ (m @ cols.T)
-                return (rows @ m) @ cols.T
+                rows, cols, columns_first = ops
+                m = masks[..., : rows.shape[1], : cols.shape[1]]
+                return rows @ (m @ cols.T) if columns_first else (rows @ m) @ cols.T
         if self.fast_postprocess and masks.dim() == 4 and masks.shape[1] > 1:
             # Several masks per prompt: PyTorch's CPU bilinear kernel is the channels-last one
             # (a contiguous B x M x H x W input is converted to it and back); giving it
@@ -192,10 +189,11 @@ def _resize_operators(
     out_w: int,
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(rows out_h x r, cols out_w x c)``: the reference's upscale of ``low x low`` logits to
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """``(rows out_h x r, cols out_w x c, columns_first)``: the reference's upscale of ``low x low`` logits to
     ``size``, crop to ``in_h x in_w`` and resize to ``out_h x out_w``, as one matrix per axis
-    acting on the first ``r`` rows and ``c`` columns (the others never reach the crop).
+    acting on the first ``r`` rows and ``c`` columns (the others never reach the crop), and
+    whether the column product is the cheaper one to do first.
     Built by running those very resizes on identity matrices. None when the
     products would cost more than :data:`RESIZE_PRODUCT_MACS` per mask, or ``size`` is not a
     multiple of ``low``."""
@@ -203,8 +201,9 @@ def _resize_operators(
         return None
     f = size // low
     r, c = min(low, -(-in_h // f) + 1), min(low, -(-in_w // f) + 1)
-    macs = min(r * c * out_w + out_h * r * out_w, out_h * r * c + out_h * c * out_w)
-    if macs > RESIZE_PRODUCT_MACS:
+    columns_first_macs = r * c * out_w + out_h * r * out_w
+    rows_first_macs = out_h * r * c + out_h * c * out_w
+    if min(columns_first_macs, rows_first_macs) > RESIZE_PRODUCT_MACS:
         return None
 
     def axis(n: int, crop: int, out: int) -> torch.Tensor:
@@ -217,4 +216,4 @@ def _resize_operators(
         down = F.interpolate(eye, (out, crop), mode="bilinear", align_corners=False)[0, 0]
         return (down.double() @ up[:crop].double()).to(dtype=dtype, device=device)
 
-    return axis(r, in_h, out_h), axis(c, in_w, out_w)
+    return axis(r, in_h, out_h), axis(c, in_w, out_w), columns_first_macs <= rows_first_macs

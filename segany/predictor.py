@@ -430,9 +430,10 @@ class Predictor:
                 raise ValueError("point_labels must be supplied with point_coords")
             points = (point_coords, point_labels)
         low_res, iou = self.decode_low_res(points, boxes, mask_input, multimask_output)
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        threshold = None if return_logits else self.model.mask_threshold
+        masks = self.model.postprocess_masks(
+            low_res, self.input_size, self.original_size, threshold=threshold
+        )
         return masks, iou, low_res
 
     def decode_low_res(

@@ -213,6 +213,50 @@ def test_crop_first_upscaling_is_exact(shape, n_masks):
     assert torch.equal(fast, plain)
 
 
+@pytest.mark.parametrize("block", [64, 7, 1000])
+@pytest.mark.parametrize("shape", [(120, 180), (37, 301), (480, 640)])
+def test_banded_resize_is_the_dense_map(monkeypatch, shape, block):
+    """The banded per-axis maps (blocks of outputs, each reading only its window of inputs)
+    give the products with the whole matrices, and their fused threshold the same masks as
+    thresholding the logits, at block sizes from one block per axis down to a few rows."""
+    from segany.modeling import sam as sam_module
+    from segany.transforms import preprocess_shape
+
+    monkeypatch.setattr(sam_module, "RESIZE_BLOCK", block)
+    sam_module._resize_operators.cache_clear()
+    try:
+        model = _model()
+        low = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+        inp = preprocess_shape(*shape, 160)
+        ops = sam_module._resize_operators(
+            40, 160, *inp, *shape, torch.float32, torch.device("cpu")
+        )
+        assert ops is not None
+        rows, cols, _ = ops
+        if block < shape[0]:
+            assert len(rows.weights) > 1 and rows.width < rows.n  # really banded
+        # the whole matrices: the maps applied to identities
+        dense_r = rows.apply(torch.eye(rows.n).T.contiguous(), -2)  # out_h x n
+        dense_c = cols.apply(torch.eye(cols.n), -1)  # n x out_w, i.e. cols^T
+        m = low[..., : rows.n, : cols.n].double()
+        want = dense_r.double() @ m @ dense_c.double()
+        with torch.no_grad():
+            got = model.postprocess_masks(low, inp, shape)
+            masks = model.postprocess_masks(low, inp, shape, threshold=0.25)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        assert masks.dtype == torch.bool and torch.equal(masks, got > 0.25)
+        _, plain = _both(model, lambda: model.postprocess_masks(low, inp, shape))
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+        set_fast_paths(model, False)
+        with torch.no_grad():  # the plain path thresholds too
+            assert torch.equal(
+                model.postprocess_masks(low, inp, shape, threshold=0.25), plain > 0.25
+            )
+        set_fast_paths(model, True)
+    finally:
+        sam_module._resize_operators.cache_clear()
+
+
 def test_predictor_fast_equals_plain_and_reference(image):
     from segment_anything import SamPredictor
 

@@ -74,6 +74,7 @@ class TwoWayTransformer(nn.Module):
                 key_pe=image_pe,
                 keys_with_pe=first_keys_with_pe if i == 0 else None,
                 projected=first_layer_image if i == 0 else None,
+                own_keys=i > 0,  # the previous layer's output, not the caller's image
             )
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + image_pe, v=keys
@@ -126,9 +127,11 @@ class TwoWayAttentionBlock(nn.Module):
         key_pe: torch.Tensor,
         keys_with_pe: torch.Tensor | None = None,
         projected: ImageProjections | None = None,
+        own_keys: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``keys`` (and ``key_pe``, ``keys_with_pe``) may have batch 1 for B queries.
-        ``projected``: :meth:`image_projections` of these ``keys`` (and ``keys_with_pe``)."""
+        ``projected``: :meth:`image_projections` of these ``keys`` (and ``keys_with_pe``).
+        ``own_keys``: ``keys`` is a temporary of the caller's, which inference may overwrite."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -148,7 +151,8 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe  # keys are unchanged since k was computed
         if projected is None:
-            keys = self.norm4(i2t(q=k, k=q, v=queries, residual=keys))
+            inplace = own_keys and not torch.is_grad_enabled()
+            keys = self.norm4(i2t(q=k, k=q, v=queries, residual=keys, residual_inplace=inplace))
         else:
             keys = self.norm4(i2t.attended_by_projected(projected.queries_t, q, queries, keys))
         return queries, keys
@@ -229,9 +233,10 @@ class Attention(nn.Module):
         transposed, ``1 x heads x d x Nq`` (shared), on a few keys and values ``B x Nk x C``."""
         b = k.shape[0]
         d = self.internal_dim // self.num_heads
-        kh = self.heads(self.k_proj(k))  # B x heads x Nk x d
+        # the scale folded into the few keys rather than applied to B x heads x Nk x Nq scores
+        kh = self.heads(self.k_proj(k)) / math.sqrt(d)  # B x heads x Nk x d
         scores = [kh[i : i + 1] @ queries_t for i in range(b)]  # 1 x heads x Nk x Nq each
-        scores_t = (scores[0] if b == 1 else torch.cat(scores)) / math.sqrt(d)
+        scores_t = scores[0] if b == 1 else torch.cat(scores)
         return self._few_keys_output(scores_t, v, residual)
 
     def forward(
@@ -240,15 +245,17 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         residual: torch.Tensor | None = None,
+        residual_inplace: bool = False,
     ) -> torch.Tensor:
         """Attention output (``+ residual`` when given, fused into the last product on the
-        fast path). Batches of 1 broadcast against the others."""
+        fast path, and there written into ``residual`` itself with ``residual_inplace``).
+        Batches of 1 broadcast against the others."""
         nq, nk = q.shape[1], k.shape[1]
         if self.fused and self._plain_linears():
             # Few tokens on one side: fold the projections of the many-token side into the
             # few tokens (rank heads*tokens instead of internal_dim). Same function, fewer FLOPs.
             if nk * self.num_heads < self.internal_dim and nq > nk:
-                return self._few_keys(q, k, v, residual)
+                return self._few_keys(q, k, v, residual, residual_inplace)
             if nq * self.num_heads < self.internal_dim and nk > nq:
                 out = self._few_queries(q, k, v)
                 return out if residual is None else residual + out
@@ -280,8 +287,8 @@ class Attention(nn.Module):
         b, nq, c = q.shape
         h, d = self.num_heads, self.internal_dim // self.num_heads
         qh = self.q_proj(q).view(b, nq, h, d)
-        g = torch.einsum("bqhd,hdc->bhqc", qh, self.k_proj.weight.view(h, d, c))
-        scores = _bmm(g.reshape(b, h * nq, c), k.transpose(1, 2)) / math.sqrt(d)  # B x h*Nq x Nk
+        g = torch.einsum("bqhd,hdc->bhqc", qh, self.k_proj.weight.view(h, d, c)) / math.sqrt(d)
+        scores = _bmm(g.reshape(b, h * nq, c), k.transpose(1, 2))  # B x h*Nq x Nk, scaled
         p = _bmm(torch.softmax(scores, dim=-1), v)  # B x h*Nq x C
         o = torch.einsum("bhqc,hdc->bqhd", p.view(b, h, nq, c), self.v_proj.weight.view(h, d, c))
         o = o + self.v_proj.bias.view(h, d)
@@ -293,6 +300,7 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         residual: torch.Tensor | None = None,
+        residual_inplace: bool = False,
     ) -> torch.Tensor:
         """The image attending to the tokens (Nq large, Nk small).
 
@@ -304,20 +312,25 @@ class Attention(nn.Module):
         b, nk = k.shape[0], k.shape[1]
         nq, c = q.shape[1], q.shape[2]
         h, d = self.num_heads, self.internal_dim // self.num_heads
-        kh = self.k_proj(k).view(b, nk, h, d)
+        kh = self.k_proj(k).view(b, nk, h, d) / math.sqrt(d)  # the scale, on the few keys
         wq = self.q_proj.weight.view(h, d, c)
         e = torch.einsum("bkhd,hdc->bhkc", kh, wq).reshape(b, h * nk, c)
         e_bias = torch.einsum("bkhd,hd->bhk", kh, self.q_proj.bias.view(h, d)).reshape(b, -1, 1)
         # Transposed scores, B x h*Nk x Nq: the softmax then runs over a strided axis of Nk,
         # far faster than over a contiguous axis of a few elements.
-        scores = (_bmm(e, q.transpose(1, 2)) + e_bias) / math.sqrt(d)
-        return self._few_keys_output(scores.view(b, h, nk, nq), v, residual)
+        scores = _bmm(e, q.transpose(1, 2)).add_(e_bias)
+        return self._few_keys_output(scores.view(b, h, nk, nq), v, residual, residual_inplace)
 
     def _few_keys_output(
-        self, scores_t: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
+        self,
+        scores_t: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None,
+        residual_inplace: bool = False,
     ) -> torch.Tensor:
         """Scaled scores ``B x heads x Nk x Nq`` and values ``B x Nk x C`` (few) -> the
-        output, ``sum_h A_h V_h Wo_h^T + bo`` (+ residual) in one product."""
+        output, ``sum_h A_h V_h Wo_h^T + bo`` (+ residual) in one product (into ``residual``
+        with ``residual_inplace``, when it has the output's shape)."""
         b, h, nk, nq = scores_t.shape
         c, d = v.shape[2], self.internal_dim // h
         vh = self.v_proj(v).view(b, nk, h, d)
@@ -326,6 +339,8 @@ class Attention(nn.Module):
         f = f.reshape(b, h * nk, c) + self.out_proj.bias / h
         if residual is None:
             return attn.transpose(1, 2) @ f
+        if residual_inplace and residual.shape == (b, nq, c) and residual.is_contiguous():
+            return residual.baddbmm_(attn.transpose(1, 2), f)
         return torch.baddbmm(residual, attn.transpose(1, 2), f)
 
 

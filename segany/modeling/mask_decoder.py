@@ -266,9 +266,13 @@ class MaskDecoder(nn.Module):
         c1, c2 = dc1.out_channels, dc2.out_channels
         w1 = dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (di, dj, o) x C
         b1 = None if dc1.bias is None else dc1.bias.repeat(4)
-        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
-        b2 = None if dc2.bias is None else dc2.bias.repeat(4)
+        # The second one in two halves by its row offset di2: half di2 gives the sub-pixels
+        # (dj2, o), so its masks come out as whole rows 4i + 2di1 + di2 of the image (copied
+        # into place in runs of 2 x 2 pixels, not the 2-element runs of one 16-sub-pixel set).
+        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(2, 2 * c2, c1)  # di2 x (dj2, o) x C/4
+        b2 = None if dc2.bias is None else dc2.bias.repeat(2)
         inplace = not torch.is_grad_enabled()
+        hr0 = None
         if self.use_high_res_features:
             if high_res_features is None:
                 raise ValueError("this mask decoder needs high_res_features from its encoder")
@@ -280,16 +284,19 @@ class MaskDecoder(nn.Module):
             y = fused_linear(keys.reshape(-1, c), w1, b1).view(b, h, w, 2, 2, c1)
         y = F.layer_norm(y, (c1,), ln1.weight, ln1.bias, ln1.eps)
         y = (torch.ops.aten.gelu_(y) if inplace else act1(y)).reshape(-1, c1)
-        if self.use_high_res_features:
-            z = fused_linear(y, w2).view(b, h * w * 4, 4 * c2)
-            z = z.add_(hr0) if inplace else z + hr0
-            z = torch.ops.aten.gelu_(z) if inplace else act2(z)
-        else:
-            z = fused_linear(y, w2, b2, gelu=True)
-        masks = z.view(b, h * w * 16, c2) @ hyper_in.transpose(1, 2)  # B x sub-pixels x M
-        m = masks.shape[-1]
-        masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, m, 4 * h, 4 * w)
+        halves = []
+        for di2 in range(2):
+            if hr0 is not None:
+                z = fused_linear(y, w2[di2]).view(b, h * w * 4, 2 * c2)
+                z = z.add_(hr0[:, di2]) if inplace else z + hr0[:, di2]
+                z = torch.ops.aten.gelu_(z) if inplace else act2(z)
+            else:
+                z = fused_linear(y, w2[di2], b2, gelu=True)
+            # B x M x (i, j, di1, dj1, dj2) -> B x M x (i, di1, j, dj1, dj2)
+            masks = hyper_in @ z.view(b, h * w * 8, c2).transpose(1, 2)
+            m = masks.shape[1]
+            halves.append(masks.view(b, m, h, w, 2, 2, 2).permute(0, 1, 2, 4, 3, 5, 6))
+        return torch.stack(halves, dim=4).view(b, -1, 4 * h, 4 * w)  # (i, di1, di2, j, dj1, dj2)
 
     def _image_terms(
         self,
@@ -360,7 +367,8 @@ class MaskDecoder(nn.Module):
         b2: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The high-res features rearranged to the upscaling's sub-pixel layout, plus the
-        transposed convolutions' biases: ``1|B x hw*4 x 4*C/8`` and ``1|B x hw x 4*C/4``.
+        transposed convolutions' biases: ``1|B x 2 x hw*4 x 2*C/8`` (by the second one's row
+        offset, see :meth:`_upscale`) and ``1|B x hw x 4*C/4``.
         Kept for the next call on the same features (inference only), as they do not depend
         on the prompt."""
         feat_s0, feat_s1 = high_res_features
@@ -373,9 +381,9 @@ class MaskDecoder(nn.Module):
             # 1|B x C/4 x 2h x 2w -> 1|B x h x w x (2 x 2 x C/4)
             hr1 = feat_s1.view(-1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1)
             hr1 = hr1.reshape(-1, h * w, 4 * c1)
-            # (i, j, di1, dj1, di2, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
-            hr0 = feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
-            hr0 = hr0.reshape(-1, h * w * 4, 4 * c2)
+            # (di2, i, j, di1, dj1, dj2) is pixel (4i + 2di1 + di2, 4j + 2dj1 + dj2)
+            hr0 = feat_s0.view(-1, c2, h, 2, 2, w, 2, 2).permute(0, 4, 2, 5, 3, 6, 7, 1)
+            hr0 = hr0.reshape(-1, 2, h * w * 4, 2 * c2)
             if b1 is not None:
                 hr1 = hr1 + b1
             if b2 is not None:

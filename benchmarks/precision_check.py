@@ -4,7 +4,9 @@ The speed issue's bar: masks with IoU >= 0.97 against fp32 and NoC unchanged wit
 bundled model's evaluation (val/DAVIS, the standard click protocol). This runs the protocol
 twice on the same instances, fp32 and the reduced precision (``segany.optimize``), and
 compares the first-click masks of the two directly (same click: the first click depends only
-on the ground truth). Also prints the encoding time of both.
+on the ground truth): the candidates each ranks first, and the same-index candidates (the
+masks themselves, whatever the ranking). ``--first-click-only`` skips the two protocol runs.
+Also prints the encoding time of both.
 
     .venv/bin/python benchmarks/precision_check.py --precision bf16 --out artifacts/bf16.json
 """
@@ -16,6 +18,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,19 +32,27 @@ from segany.optimize import precision_supported
 DAVIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "val" / "DAVIS"
 
 
-def first_click_ious(a: Predictor, b: Predictor, ds: DavisDataset, limit: int | None) -> list:
-    """IoU between the two predictors' best first-click masks, instance by instance."""
-    out = []
-    for i in range(len(ds) if limit is None else min(limit, len(ds))):
+def first_click_ious(
+    a: Predictor, b: Predictor, ds: DavisDataset, limit: int | None
+) -> tuple[list[float], list[float], float]:
+    """Instance by instance: IoU between the two predictors' best first-click masks, and the
+    lowest IoU between their same-index candidates (the masks themselves, whichever is
+    ranked first); and the share of instances where the two rank different candidates first."""
+    best, same, switched = [], [], 0
+    n = len(ds) if limit is None else min(limit, len(ds))
+    for i in range(n):
         image, gt, ignore = ds.load(i)
         y, x, _ = next_click(gt, np.zeros_like(gt), ignore, np.zeros_like(gt))
-        masks = []
+        out = []
         for p in (a, b):
             p.set_image(image)
-            m, s, _ = p.predict(np.array([[x, y]], dtype=np.float32), np.array([1]))
-            masks.append(m[int(np.argmax(s))])
-        out.append(mask_iou(masks[0], masks[1]))
-    return out
+            out.append(p.predict(np.array([[x, y]], dtype=np.float32), np.array([1]))[:2])
+        (ma, sa), (mb, sb) = out
+        ia, ib = int(np.argmax(sa)), int(np.argmax(sb))
+        best.append(mask_iou(ma[ia], mb[ib]))
+        same.append(min(mask_iou(u, v) for u, v in zip(ma, mb)))
+        switched += ia != ib
+    return best, same, switched / max(1, n)
 
 
 def encode_seconds(p: Predictor, image: np.ndarray, repeats: int) -> float:
@@ -61,6 +72,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="first N instances only")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--first-click-only", action="store_true", help="skip the protocol runs")
     args = ap.parse_args()
     if not precision_supported(args.precision, torch.device("cpu")):
         raise SystemExit(f"{args.precision} is not supported natively on this CPU")
@@ -71,30 +83,37 @@ def main() -> None:
     fp32 = load()
     low = segany.optimize(load(), precision=args.precision)
     ds = DavisDataset(args.data)
-    reports = {
-        name: evaluate_interactive(Predictor(m), ds, limit=args.limit, box=False)
-        for name, m in (("fp32", fp32), (args.precision, low))
-    }
-    ious = first_click_ious(Predictor(fp32), Predictor(low), ds, args.limit)
+    reports = {}
+    if not args.first_click_only:
+        reports = {
+            name: evaluate_interactive(Predictor(m), ds, limit=args.limit, box=False)
+            for name, m in (("fp32", fp32), (args.precision, low))
+        }
+    ious, same, switched = first_click_ious(Predictor(fp32), Predictor(low), ds, args.limit)
     image = ds.load(0)[0]
-    result = {
-        "instances": reports["fp32"]["n_instances"],
-        "noc": {k: r["noc"] for k, r in reports.items()},
-        "miou@1": {k: r["miou_at"][0] for k, r in reports.items()},
-        "miou@5": {k: r["miou_at"][4] for k, r in reports.items()},
+    result: dict[str, Any] = {"instances": len(ious)}
+    if reports:
+        result["noc"] = {k: r["noc"] for k, r in reports.items()}
+        result["miou@1"] = {k: r["miou_at"][0] for k, r in reports.items()}
+        result["miou@5"] = {k: r["miou_at"][4] for k, r in reports.items()}
+    result |= {
         "first_click_mask_iou_vs_fp32": {
             "min": float(np.min(ious)),
             "mean": float(np.mean(ious)),
             "share_below_0.97": float(np.mean(np.array(ious) < 0.97)),
+            "same_candidate_mean": float(np.mean(same)),
+            "same_candidate_share_below_0.97": float(np.mean(np.array(same) < 0.97)),
+            "ranked_first_switched": switched,
         },
         "encode_s": {
             "fp32": encode_seconds(Predictor(fp32), image, args.repeats),
             args.precision: encode_seconds(Predictor(low), image, args.repeats),
         },
     }
-    d90 = abs(result["noc"][args.precision]["90"] - result["noc"]["fp32"]["90"])
-    d85 = abs(result["noc"][args.precision]["85"] - result["noc"]["fp32"]["85"])
-    result["noc_within_0.1"] = bool(d90 <= 0.1 and d85 <= 0.1)
+    if reports:
+        d90 = abs(result["noc"][args.precision]["90"] - result["noc"]["fp32"]["90"])
+        d85 = abs(result["noc"][args.precision]["85"] - result["noc"]["fp32"]["85"])
+        result["noc_within_0.1"] = bool(d90 <= 0.1 and d85 <= 0.1)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

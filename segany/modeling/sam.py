@@ -143,7 +143,7 @@ class Sam(nn.Module):
             ops = _resize_operators(low, size, in_h, in_w, out_h, out_w, masks.dtype, masks.device)
             if ops is not None:
                 # Both bilinear resizes (and the crop between them) are linear and act on
-                # rows and columns separately: one banded matrix per axis, two products.
+                # rows and columns separately: one banded map per axis, applied in turn.
                 rows, cols, columns_first = ops
                 m = masks[..., : rows.n, : cols.n]
                 if columns_first:
@@ -187,6 +187,22 @@ RESIZE_PRODUCT_MACS = 200_000_000
 RESIZE_BLOCK = 64
 
 
+def _block_size(out: int) -> int:
+    """Outputs per block: ``out`` in ``ceil(out / RESIZE_BLOCK)`` blocks of equal size."""
+    return -(-out // -(-out // RESIZE_BLOCK))
+
+
+def _product_costs(
+    r: int, c: int, out_h: int, out_w: int, width_r: int, width_c: int
+) -> tuple[int, int]:
+    """Multiply-adds per mask of the two banded maps on ``r x c`` logits, with windows of
+    ``width_r`` rows and ``width_c`` columns: ``(columns first, rows first)``."""
+    return (
+        out_w * width_c * r + out_h * width_r * out_w,
+        out_h * width_r * c + out_w * width_c * out_h,
+    )
+
+
 class _BandedResize:
     """A linear map along one axis, ``out x n``, whose rows read a narrow band of the input
     (a bilinear resize reads 2 inputs per output; two composed, at most 4): kept as dense
@@ -194,8 +210,7 @@ class _BandedResize:
 
     def __init__(self, matrix: torch.Tensor) -> None:
         out, n = matrix.shape
-        nb = -(-out // RESIZE_BLOCK)
-        block = -(-out // nb)
+        block = _block_size(out)
         used = (matrix != 0).to(torch.int8)
         first = torch.where(used.any(1), used.argmax(1), n - 1)  # rows of zeros read nothing
         last = torch.where(used.any(1), n - 1 - used.flip(1).argmax(1), 0)
@@ -228,10 +243,6 @@ class _BandedResize:
                 torch.gt(y, threshold, out=dst)
         return res
 
-    def macs(self, other: int) -> int:
-        """Multiply-adds of :meth:`apply` on one mask with ``other`` entries on the other axis."""
-        return self.out * self.width * other
-
 
 @functools.lru_cache(maxsize=32)
 def _resize_operators(
@@ -256,12 +267,11 @@ def _resize_operators(
     f = size // low
     r, c = min(low, -(-in_h // f) + 1), min(low, -(-in_w // f) + 1)
 
-    def width(n: int, out: int) -> int:  # an upper bound on a block's window (4 taps each)
-        nb = -(-out // RESIZE_BLOCK)
-        return -(-out // nb) * n // out + 4
+    def width(n: int, out: int) -> int:  # about a block's window: its span + the taps
+        return _block_size(out) * n // out + 4
 
-    bound = min(r * width(c, out_w) * out_w, c * width(r, out_h) * out_h)
-    if bound + out_h * out_w * max(width(r, out_h), width(c, out_w)) > 2 * RESIZE_PRODUCT_MACS:
+    estimate = _product_costs(r, c, out_h, out_w, width(r, out_h), width(c, out_w))
+    if min(estimate) > 2 * RESIZE_PRODUCT_MACS:
         return None  # far too big: not even built
 
     def axis(n: int, crop: int, out: int) -> _BandedResize:
@@ -275,8 +285,7 @@ def _resize_operators(
         return _BandedResize((down.double() @ up[:crop].double()).to(dtype=dtype, device=device))
 
     rows, cols = axis(r, in_h, out_h), axis(c, in_w, out_w)
-    columns_first_macs = cols.macs(r) + rows.macs(out_w)
-    rows_first_macs = rows.macs(c) + cols.macs(out_h)
-    if min(columns_first_macs, rows_first_macs) > RESIZE_PRODUCT_MACS:
+    columns_first, rows_first = _product_costs(r, c, out_h, out_w, rows.width, cols.width)
+    if min(columns_first, rows_first) > RESIZE_PRODUCT_MACS:
         return None
-    return rows, cols, columns_first_macs <= rows_first_macs
+    return rows, cols, columns_first <= rows_first

@@ -112,13 +112,15 @@ def main() -> None:
                 "noc90": r["noc"]["90"],
                 "miou_at": r["miou_at"],
                 "box_miou": r["box_miou"],
+                "clicks_obeyed_at": r["clicks_obeyed_at"],
                 "seconds_per_prediction": r["seconds_per_prediction"],
             }
             miou = " / ".join(f"{v:.3f}" for v in r["miou_at"][:5])
             print(
                 f"{row}: NoC@85 {r['noc']['85']:.2f}  NoC@90 {r['noc']['90']:.2f}  "
                 f"mIoU@1-5 {miou}  @{args.clicks} {r['miou_at'][-1]:.3f}  "
-                f"box {r['box_miou']:.3f}  {1000 * r['seconds_per_prediction']:.0f} ms/prediction"
+                f"box {r['box_miou']:.3f}  clicks obeyed @5 {r['clicks_obeyed_at'][4]:.2f} "
+                f"@{args.clicks} {r['clicks_obeyed_at'][-1]:.2f}  {1000 * r['seconds_per_prediction']:.0f} ms/prediction"
             )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

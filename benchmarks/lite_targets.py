@@ -69,6 +69,12 @@ def speed(model, photo_path: Path, repeats: int) -> dict[str, float]:
     }
 
 
+def _mean_at(per_instance: list[dict], key: str, k: int) -> float:
+    if not all(key in r for r in per_instance):
+        return float("nan")
+    return float(np.mean([r[key][k] for r in per_instance]))
+
+
 def _summary(per_instance: list[dict], report: dict | None = None) -> dict[str, float]:
     ious = np.array([r["ious"] for r in per_instance])
     box = [r["box_iou"] for r in per_instance if "box_iou" in r]
@@ -80,6 +86,10 @@ def _summary(per_instance: list[dict], report: dict | None = None) -> dict[str, 
         "miou@3": float(ious[:, 2].mean()),
         "miou@5": float(ious[:, 4].mean()),
         "box_miou": float(np.mean(box)) if box else float("nan"),
+        # share of the clicks so far the mask follows, after 5 and after the last click
+        # (NaN for reports written before the evaluator recorded it)
+        "clicks_obeyed@5": _mean_at(per_instance, "clicks_obeyed", 4),
+        "clicks_obeyed@last": _mean_at(per_instance, "clicks_obeyed", -1),
         "n": len(per_instance),
         "seconds_per_prediction": (report or {}).get("seconds_per_prediction", float("nan")),
     }

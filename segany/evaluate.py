@@ -283,9 +283,11 @@ def evaluate_interactive(
 
     Returns:
         A JSON-serialisable dict: ``noc`` and ``nof`` (keyed ``"85"``, ``"90"``, ...),
-        ``miou_at`` (mean IoU after 1..max_clicks clicks), ``box_miou`` (``None`` without
+        ``miou_at`` (mean IoU after 1..max_clicks clicks), ``clicks_obeyed_at`` (mean share
+        of the clicks so far whose pixel the mask puts on the click's side, after 1..max_clicks
+        clicks: how far the model follows corrections), ``box_miou`` (``None`` without
         ``box``), ``n_instances``, ``per_instance`` (``name``, ``ious``, ``noc``, ``clicks`` as
-        ``[y, x, positive]``, ``box_iou``), ``seconds_per_prediction``, ``seconds_per_image``
+        ``[y, x, positive]``, ``box_iou``, ``clicks_obeyed``), ``seconds_per_prediction``, ``seconds_per_image``
         (``set_image``), ``predictor`` (class name) and ``settings``.
 
     Raises:
@@ -340,6 +342,7 @@ def evaluate_interactive(
             record["box_iou"] = mask_iou(masks[0], gt, ignore)
 
         ious: list[float] = []
+        obeyed: list[float] = []
         clicks: list[list[int]] = []
         clicked = np.zeros(hw, dtype=bool)
         pred = np.zeros(hw, dtype=bool)
@@ -348,6 +351,7 @@ def evaluate_interactive(
             click = next_click(gt, pred, ignore, clicked)
             if click is None:  # perfect prediction: nothing left to click
                 ious.extend([ious[-1]] * (max_clicks - k))
+                obeyed.extend([obeyed[-1]] * (max_clicks - k))
                 break
             y, x, positive = click
             clicked[y, x] = True
@@ -367,7 +371,9 @@ def evaluate_interactive(
             pred = masks[best]
             prev_low = low_res.reshape(-1, *low_res.shape[-2:])[best]
             ious.append(mask_iou(pred, gt, ignore))
+            obeyed.append(float(np.mean([pred[cy, cx] == bool(cp) for cy, cx, cp in clicks])))
         record["ious"] = ious
+        record["clicks_obeyed"] = obeyed
         record["noc"] = {_threshold_key(t): noc(ious, t, max_clicks) for t in thresholds}
         record["clicks"] = clicks
         per_instance.append(record)
@@ -390,6 +396,9 @@ def evaluate_interactive(
             for t in thresholds
         },
         "miou_at": [float(v) for v in np.mean([r["ious"] for r in per_instance], axis=0)],
+        "clicks_obeyed_at": [
+            float(v) for v in np.mean([r["clicks_obeyed"] for r in per_instance], axis=0)
+        ],
         "box_miou": float(np.mean([r["box_iou"] for r in per_instance])) if box else None,
         "seconds_per_prediction": run.seconds_per_prediction,
         "seconds_per_image": image_seconds / n,

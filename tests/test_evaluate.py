@@ -200,6 +200,7 @@ def test_oracle_takes_one_click() -> None:
     assert report["noc"] == {"85": 1.0, "90": 1.0}
     assert report["nof"] == {"85": 0, "90": 0}
     assert report["miou_at"] == [1.0] * 6
+    assert report["clicks_obeyed_at"] == [1.0] * 6
     assert [r["name"] for r in report["per_instance"]] == ["inst0", "inst1", "inst2"]
     # After a perfect first click no further click can be placed: one box + one click each.
     assert oracle.calls == 6
@@ -222,6 +223,7 @@ def test_empty_predictor_fails_everything() -> None:
     assert report["noc"] == {"85": 5.0, "90": 5.0}
     assert report["nof"] == {"85": 4, "90": 4}
     assert report["miou_at"] == [0.0] * 5
+    assert report["clicks_obeyed_at"] == [0.0] * 5  # every click positive, none followed
     assert report["box_miou"] == 0.0
     # Every click lands on the missed object: all positive, all different pixels.
     for rec in report["per_instance"]:

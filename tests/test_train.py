@@ -69,6 +69,30 @@ def test_ranking_term_known_value_and_direction():
 
 
 # ----------------------------------------------------------------------------- prompts
+def test_click_loss_known_values():
+    # 1 prompt, 2 candidates on a 3 x 4 frame; clicks at (x=1, y=0) positive, (x=3, y=2)
+    # negative (x=3.4 rounds to 3; y=7 is clamped to the last row)
+    logits = torch.zeros(1, 2, 3, 4)
+    logits[0, 0, 0, 1] = 2.0  # candidate 0 obeys the positive click
+    logits[0, 1, 2, 3] = 2.0  # candidate 1 disobeys the negative one
+    xy = torch.tensor([[[1.0, 0.0], [3.4, 7.0]]])
+    labels = torch.tensor([[1, 0]])
+    got = losses.click_loss(logits, xy, labels)
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731  BCE: softplus(-z) if 1, softplus(z) if 0
+    # candidate 0: BCE(2, 1), BCE(0, 0); candidate 1: BCE(0, 1), BCE(2, 0)
+    expected = (sp(-2.0) + sp(0.0) + sp(0.0) + sp(2.0)) / 4
+    assert got.shape == (1,) and got.item() == pytest.approx(expected)
+    # sure and right everywhere -> ~0; gradient only at the clicked pixels
+    sure = torch.full((1, 1, 3, 4), -30.0, requires_grad=True)
+    with torch.no_grad():
+        sure[0, 0, 0, 1] = 30.0
+    loss = losses.click_loss(sure, xy, labels).sum()
+    assert loss.item() == pytest.approx(0.0, abs=1e-9)
+    open_ = torch.zeros(1, 1, 3, 4, requires_grad=True)
+    losses.click_loss(open_, xy, labels).sum().backward()
+    assert set(zip(*np.nonzero(open_.grad[0, 0].numpy()))) == {(0, 1), (2, 3)}
+
+
 def test_clicks_follow_the_error():
     rng = np.random.default_rng(0)
     gt = np.zeros((40, 40), bool)
@@ -249,6 +273,41 @@ def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch,
     expected = sum(seen) * (2 / 4 if every else 1)  # every-round loss keeps two rounds' weight
     assert float(total) == pytest.approx(expected, rel=1e-6)
     assert total.requires_grad
+
+
+def test_click_weight_adds_the_click_term(cache_dir, tmp_path, monkeypatch):
+    """With ``click_weight`` each round with a gradient and clicks adds weight x click_loss;
+    rounds without clicks (a box first) add nothing; the obeyed share is reported."""
+    import segany.train.trainer as T
+
+    seen: list[float] = []
+    real = T.click_loss
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(float(out.mean()))
+        return out
+
+    monkeypatch.setattr(T, "click_loss", spy)
+    runs = {}
+    for w in (0.0, 2.0):
+        cfg = _config(cache_dir, tmp_path / f"run{w}", loss_every_round=True, click_weight=w)
+        tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+        feats, gts, valid = tr._load(*tr._sample_batch(tr.train_idx))
+        emb, hr = tr._embed(feats, cfg.masks_per_image)
+        seen.clear()
+        total, st, _ = tr._rollout(emb, hr, gts, valid, 2, train=True, kind="point")
+        runs[w] = (float(total.detach()), list(seen), st)
+    assert runs[0.0][1] == [] and len(runs[2.0][1]) == 3
+    # same seed, same clicks: the totals differ by exactly the weighted click terms (x 2/3, the
+    # every-round rescaling of 3 rounds)
+    assert runs[2.0][0] - runs[0.0][0] == pytest.approx(2.0 * sum(runs[2.0][1]) * 2 / 3, rel=1e-4)
+    assert 0.0 <= runs[2.0][2]["click_ok"] <= 1.0 and "rlast_click" in runs[2.0][2]
+    seen.clear()
+    tr._rollout(emb, hr, gts, valid, 1, train=True, kind="box")
+    assert len(seen) == 1  # round 0 had a box and no click
+    with pytest.raises(ValueError, match="click_weight"):
+        _config(cache_dir, tmp_path / "w", click_weight=-1.0)
 
 
 def test_cached_training_of_a_chosen_group_only(cache_dir, tmp_path):

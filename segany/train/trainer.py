@@ -37,7 +37,7 @@ from ..modeling.config import SamConfig
 from ..modeling.sam import Sam
 from .cache import FeatureCache
 from .lora import set_trainable
-from .losses import mask_iou, sam_loss
+from .losses import click_loss, mask_iou, sam_loss
 from .prompts import corrective_click, initial_click, noisy_box, noisy_mask_logits
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class TrainConfig:
     #: weight of a ranking term on the IoU head for multimask prompts (``sam_loss``'s
     #: ``rank_weight``; SAM: none)
     iou_rank_weight: float = 0.0
+    #: weight of the click term (``losses.click_loss``: each candidate's logit at every click
+    #: so far must have the click's sign) added to the loss of each round with a gradient
+    click_weight: float = 0.0
     #: parameter groups to train (see ``segany.train.lora.set_trainable``); None: what the mode
     #: trains by default (cached: everything after the backbone; images: neck + decoder). With
     #: cached features the backbone can never train; e.g. ``"mask_decoder.iou_prediction_head.*"``
@@ -112,7 +115,7 @@ class TrainConfig:
             math.isfinite(v) and v >= 0 for v in self.set_weights.values()
         ):
             raise ValueError(f"set_weights must be finite and >= 0, got {self.set_weights}")
-        for name in ("iou_weight", "iou_rank_weight"):
+        for name in ("iou_weight", "iou_rank_weight", "click_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -276,6 +279,11 @@ class TrainerBase:
                         iou_weight=cfg.iou_weight,
                         rank_weight=cfg.iou_rank_weight,
                     )
+                    if cfg.click_weight > 0 and clicks[0]:
+                        xy, lab = self._frame_clicks(clicks)
+                        closs = click_loss(logits, xy, lab).mean()
+                        loss = loss + cfg.click_weight * closs
+                        st["click"] = float(closs.detach())
                     total = total + loss
                     for k, v in st.items():
                         stats[f"r{0 if r == 0 else 'last'}_{k}"] = v
@@ -290,6 +298,8 @@ class TrainerBase:
                 chosen = logits[rows, best].detach()
                 ious.append(float(mask_iou(chosen, targets).mean()))
                 if r == n_rounds:
+                    if clicks[0]:
+                        stats["click_ok"] = self._clicks_obeyed(chosen, clicks)
                     break
                 pred = (chosen > 0).cpu().numpy()
                 for j in range(n):
@@ -301,6 +311,19 @@ class TrainerBase:
         if train and cfg.loss_every_round and n_rounds > 1:
             total = total * (2.0 / (n_rounds + 1))
         return total, stats, ious
+
+    def _frame_clicks(self, clicks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clicks as mask-frame pixels ``N x K x 2`` (x, y) and labels ``N x K``."""
+        xy = torch.tensor([[c[:2] for c in cl] for cl in clicks], dtype=torch.float)
+        lab = torch.tensor([[c[2] for c in cl] for cl in clicks], dtype=torch.long)
+        return xy.to(self.device), lab.to(self.device)
+
+    def _clicks_obeyed(self, chosen: torch.Tensor, clicks) -> float:
+        """Share of all clicks so far whose pixel the chosen masks (``N x F x F`` logits) put
+        on the click's side."""
+        xy, lab = self._frame_clicks(clicks)
+        at = chosen.flatten(1).gather(1, xy[..., 1].long() * chosen.shape[-1] + xy[..., 0].long())
+        return float(((at > 0).long() == lab).float().mean())
 
     def _points(self, clicks, pad: bool):
         if not clicks[0]:
@@ -345,12 +368,13 @@ class TrainerBase:
         self.model.eval()
         state = self.rng.bit_generator.state
         self.rng = np.random.default_rng(999)
-        curves, box_ious = [], []
+        curves, box_ious, obeyed = [], [], []
         for emb, hr, gts, valid in self._val_batches():
-            _, _, ious = self._rollout(
+            _, st, ious = self._rollout(
                 emb, hr, gts, valid, n_clicks - 1, train=False, kind="point", center_prob=1.0
             )
             curves.append(ious)
+            obeyed.append(st["click_ok"])
             _, _, bious = self._rollout(emb, hr, gts, valid, 0, train=False, kind="box")
             box_ious.append(bious[0])
         self.rng = np.random.default_rng()
@@ -360,6 +384,7 @@ class TrainerBase:
         arr = np.array(curves)
         out = {f"val_miou@{k + 1}": float(arr[:, k].mean()) for k in range(arr.shape[1])}
         out["val_box_miou"] = float(np.mean(box_ious))
+        out[f"val_clicks_obeyed@{n_clicks}"] = float(np.mean(obeyed))
         return out
 
     # ---------------------------------------------------------------- checkpoints

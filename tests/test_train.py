@@ -249,6 +249,13 @@ def test_resume_continues_exactly(cache_dir, tmp_path):
     assert [r["step"] for r in log] == [4, 8] and "val_miou@1" in log[-1]
 
 
+def test_validation_follows_val_every_not_only_log_steps(cache_dir, tmp_path):
+    cfg = _config(cache_dir, tmp_path / "run", steps=6, log_every=4, val_every=3)
+    Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir)).fit(progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val_miou@1" in r) for r in log] == [(3, True), (4, False), (6, True)]
+
+
 @pytest.mark.parametrize("every", [False, True])
 def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch, every):
     import segany.train.trainer as T

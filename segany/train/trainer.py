@@ -468,10 +468,11 @@ class TrainerBase:
             stats = self.train_step()
             window.append(stats)
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            validate = self.step % cfg.val_every == 0 or self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or validate:
                 mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
                 mean.update(step=self.step, seconds=time.time() - t0)
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                if validate:  # also where val_every is not a multiple of log_every
                     mean.update(self.validate())
                 with open(self.log_path, "a") as fh:
                     fh.write(json.dumps(mean) + "\n")

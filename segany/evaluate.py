@@ -287,8 +287,8 @@ def evaluate_interactive(
         of the clicks so far whose pixel the mask puts on the click's side, after 1..max_clicks
         clicks: how far the model follows corrections), ``box_miou`` (``None`` without
         ``box``), ``n_instances``, ``per_instance`` (``name``, ``ious``, ``noc``, ``clicks`` as
-        ``[y, x, positive]``, ``box_iou``, ``clicks_obeyed``), ``seconds_per_prediction``, ``seconds_per_image``
-        (``set_image``), ``predictor`` (class name) and ``settings``.
+        ``[y, x, positive]``, ``box_iou``, ``clicks_obeyed``), ``seconds_per_prediction``,
+        ``seconds_per_image`` (``set_image``), ``predictor`` (class name) and ``settings``.
 
     Raises:
         ValueError: bad arguments, an instance with an empty ground truth, or a predictor whose

@@ -40,6 +40,16 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def logits_at_clicks(logits: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Each candidate's logit at each click: ``N x M x H x W`` logits, click pixels ``xy``
+    ``N x K x 2`` (x, y; rounded to the nearest pixel, clamped to the frame) -> ``N x M x K``."""
+    n, m, h, w = logits.shape
+    x = xy[..., 0].round().long().clamp(0, w - 1)
+    y = xy[..., 1].round().long().clamp(0, h - 1)
+    idx = (y * w + x)[:, None, :].expand(n, m, xy.shape[1])
+    return logits.flatten(2).gather(2, idx)
+
+
 def click_loss(logits: torch.Tensor, xy: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-prompt agreement of the masks with their clicks: ``N x M x H x W`` logits, click
     pixels ``xy`` ``N x K x 2`` (x, y; rounded to the nearest pixel, clamped to the frame) and
@@ -49,14 +59,8 @@ def click_loss(logits: torch.Tensor, xy: torch.Tensor, labels: torch.Tensor) -> 
     The mask loss weighs a click by the pixels around it, so a model can leave a corrective
     click unanswered when its error region is small; this term asks every click to be obeyed.
     """
-    n, m, h, w = logits.shape
-    k = xy.shape[1]
-    x = xy[..., 0].round().long().clamp(0, w - 1)
-    y = xy[..., 1].round().long().clamp(0, h - 1)
-    flat = logits.float().flatten(2)  # N x M x HW
-    idx = (y * w + x)[:, None, :].expand(n, m, k)
-    at = flat.gather(2, idx)  # N x M x K
-    target = labels.float()[:, None, :].expand(n, m, k)
+    at = logits_at_clicks(logits.float(), xy)  # N x M x K
+    target = labels.float()[:, None, :].expand_as(at)
     ce = F.binary_cross_entropy_with_logits(at, target, reduction="none")
     return ce.flatten(1).mean(1)
 

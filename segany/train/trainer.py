@@ -37,7 +37,7 @@ from ..modeling.config import SamConfig
 from ..modeling.sam import Sam
 from .cache import FeatureCache
 from .lora import set_trainable
-from .losses import click_loss, mask_iou, sam_loss
+from .losses import click_loss, logits_at_clicks, mask_iou, sam_loss
 from .prompts import corrective_click, initial_click, noisy_box, noisy_mask_logits
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class TrainerBase:
         """Share of all clicks so far whose pixel the chosen masks (``N x F x F`` logits) put
         on the click's side."""
         xy, lab = self._frame_clicks(clicks)
-        at = chosen.flatten(1).gather(1, xy[..., 1].long() * chosen.shape[-1] + xy[..., 0].long())
+        at = logits_at_clicks(chosen[:, None], xy)[:, 0]
         return float(((at > 0).long() == lab).float().mean())
 
     def _points(self, clicks, pad: bool):
@@ -468,11 +468,11 @@ class TrainerBase:
             stats = self.train_step()
             window.append(stats)
             bar.update(1)
-            validate = self.step % cfg.val_every == 0 or self.step == cfg.steps
-            if self.step % cfg.log_every == 0 or validate:
+            validating = self.step % cfg.val_every == 0 or self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or validating:
                 mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
                 mean.update(step=self.step, seconds=time.time() - t0)
-                if validate:  # also where val_every is not a multiple of log_every
+                if validating:  # also where val_every is not a multiple of log_every
                     mean.update(self.validate())
                 with open(self.log_path, "a") as fh:
                     fh.write(json.dumps(mean) + "\n")

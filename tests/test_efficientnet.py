@@ -112,6 +112,31 @@ def test_head_and_custom_strides() -> None:
         model(torch.randn(3, 64, 64))
 
 
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_forward_from_a_feature_equals_the_rest_of_forward(stride: int) -> None:
+    """Training on cached features with the late stages unfrozen runs only the blocks after
+    the cached one: the same maps as the whole forward, for every custom stride set too."""
+    torch.manual_seed(0)
+    model = build_efficientnet_lite("lite1").eval()
+    with torch.inference_mode():
+        feats = model(torch.randn(2, 3, 64, 96))
+        k = model.feature_strides.index(stride)
+        tail = model.forward_from(feats[k], stride)
+    assert len(tail) == len(feats) - k - 1
+    for got, want in zip(tail, feats[k + 1 :]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    blocks = model.tail_blocks(stride)
+    assert blocks.stop == len(model._blocks) and blocks.start > 0
+    sparse = build_efficientnet_lite("lite0", out_strides=(8, 32)).eval()
+    with torch.inference_mode():
+        f8, f32 = sparse(torch.randn(1, 3, 64, 64))
+        torch.testing.assert_close(sparse.forward_from(f8, 8)[0], f32, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="strides but the last"):
+        model.forward_from(feats[-1], 32)
+    with pytest.raises(ValueError, match="strides but the last"):
+        sparse.tail_blocks(16)
+
+
 def test_gradients_reach_the_stem_in_training() -> None:
     torch.manual_seed(0)
     model = build_efficientnet_lite("lite0", drop_path_rate=0.2).train()

@@ -228,15 +228,17 @@ def test_training_loss_falls(cache_dir, tmp_path):
     assert np.mean(hist[-5:]) < 0.85 * np.mean(hist[:5])
 
 
-def test_resume_continues_exactly(cache_dir, tmp_path):
-    full = _config(cache_dir, tmp_path / "a", steps=8)
+@pytest.mark.parametrize("tail", [{}, {"train_backbone_after": 8, "backbone_lr_scale": 0.5}])
+def test_resume_continues_exactly(cache_dir, tmp_path, tail):
+    """Also with the backbone's late blocks training: their weights are in the checkpoint."""
+    full = _config(cache_dir, tmp_path / "a", steps=8, **tail)
     tr = Trainer(build_training_model(full), full, FeatureCache(cache_dir))
     tr.fit(progress=False)
     ref = tr.trainable_state()
 
     # The same run stopped at step 4 (the schedule still aims at 8), then restarted in a fresh
     # trainer from the run folder's checkpoint.
-    half = _config(cache_dir, tmp_path / "b", steps=8, checkpoint_every=3)
+    half = _config(cache_dir, tmp_path / "b", steps=8, checkpoint_every=3, **tail)
     tr2 = Trainer(build_training_model(half), half, FeatureCache(cache_dir))
     tr2.fit(progress=False, stop_at=4)  # checkpoints at steps 3 and 4
     assert tr2.step == 4
@@ -247,6 +249,55 @@ def test_resume_continues_exactly(cache_dir, tmp_path):
         torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
     log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8] and "val_miou@1" in log[-1]
+
+
+def test_cached_training_of_the_backbone_tail(cache_dir, tmp_path):
+    """``train_backbone_after``: the blocks after the stride-8 feature train (at
+    ``backbone_lr_scale`` of the rate) on cached stride-8 features, the earlier ones and the
+    stem stay as the cache's; the tail's output matches what the cache holds before training;
+    weights with a trained tail cannot then train on the cache's coarse features."""
+    cfg = _config(
+        cache_dir, tmp_path / "run", steps=3, train_backbone_after=8, backbone_lr_scale=0.5
+    )
+    model = build_training_model(cfg)
+    cache = FeatureCache(cache_dir)
+    backbone = model.image_encoder.backbone.eval()  # as the trainer runs it: running stats
+    feats = cache.features([0, 1])
+    with torch.no_grad():  # the cache was made with this (still pretrained) backbone
+        for got, want in zip(backbone.forward_from(feats[1], 8), feats[2:]):
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+    tail = list(backbone.tail_blocks(8))
+    assert tail and tail[-1] == len(backbone._blocks) - 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = Trainer(model, cfg, cache)
+    for _ in range(3):
+        tr.train_step()
+    lrs = [g["lr"] for g in tr.opt.param_groups]
+    assert len(lrs) == 2 and lrs[1] == pytest.approx(0.5 * lrs[0])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    prefix = "image_encoder.backbone."
+    moved = {k for k in changed if k.startswith(prefix)}
+    tail_keys = tuple(f"{prefix}_blocks.{n}." for n in tail)
+    assert moved and all(k.startswith(tail_keys) for k in moved)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+    assert {k for k in tr.trainable_state() if k.startswith(prefix)} == {
+        k for k in after if k.startswith(tail_keys)
+    }
+    weights = tr.export(tmp_path / "tail.safetensors")
+
+    again = _config(cache_dir, tmp_path / "again", init_from=str(weights))
+    with pytest.raises(ValueError, match="differs from the pretrained"):
+        Trainer(build_training_model(again), again, cache)
+    same = _config(cache_dir, tmp_path / "same", init_from=str(weights), train_backbone_after=8)
+    Trainer(build_training_model(same), same, cache).train_step()
+    with pytest.raises(ValueError, match="train_backbone_after"):
+        bad = _config(cache_dir, tmp_path / "bad", train_backbone_after=32)
+        Trainer(build_training_model(bad), bad, cache)
+    with pytest.raises(ValueError, match="mode 'cached'"):
+        _config(cache_dir, tmp_path / "img", mode="images", train_backbone_after=8)
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        _config(cache_dir, tmp_path / "lr", backbone_lr_scale=0.0)
 
 
 def test_validation_follows_val_every_not_only_log_steps(cache_dir, tmp_path):

@@ -451,6 +451,28 @@ class EfficientNetLite(nn.Module):
         """``B x 3 x H x W`` -> ``[B x C_i x ceil(H/s_i) x ceil(W/s_i)]`` for each stride."""
         return self._run(x)[0]
 
+    def tail_blocks(self, stride: int) -> range:
+        """Indices of the blocks after the one whose output is the stride-``stride`` feature:
+        what :meth:`forward_from` runs (and what trains when only the late stages do)."""
+        if stride not in self.feature_strides[:-1]:
+            raise ValueError(
+                f"stride must be one of the returned strides but the last "
+                f"{self.feature_strides[:-1]}, got {stride}"
+            )
+        start = self.config.stage_end_strides()[stride]
+        return range(start + 1, self._last_block + 1)
+
+    def forward_from(self, x: torch.Tensor, stride: int) -> list[torch.Tensor]:
+        """The stride-``stride`` feature (one this module returns, e.g. from a cache) -> the
+        features at the coarser strides, running only the blocks after it: equal to the tail of
+        :meth:`forward`'s list."""
+        feats: list[torch.Tensor] = []
+        for n in self.tail_blocks(stride):
+            x = self._blocks[n](x)
+            if n in self._feature_blocks:
+                feats.append(x)
+        return feats
+
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x num_classes`` ImageNet logits (needs ``include_head``)."""
         if not self.include_head:

@@ -100,6 +100,13 @@ class TrainConfig:
     #: cached features the backbone can never train; e.g. ``"mask_decoder.iou_prediction_head.*"``
     #: recalibrates the predicted IoU alone
     trainable: str | list[str] | None = None
+    #: cached mode: the backbone blocks after its stride-N feature train too (N one of the
+    #: cache's strides but the last, e.g. 8): the cached features up to stride N feed them and
+    #: the coarser ones are computed again each step, with gradients (batch norms keep their
+    #: running statistics); None: the backbone stays frozen
+    train_backbone_after: int | None = None
+    #: the learning rate of trainable backbone parameters, as a fraction of ``lr``
+    backbone_lr_scale: float = 1.0
     # ---- mode "images" only
     lora: dict[str, Any] | None = None  #: LoRA adapters: {rank, alpha, dropout, targets}
     scale_range: tuple[float, float] = (0.5, 1.5)  #: scale jitter of the longest-side resize
@@ -115,6 +122,11 @@ class TrainConfig:
             math.isfinite(v) and v >= 0 for v in self.set_weights.values()
         ):
             raise ValueError(f"set_weights must be finite and >= 0, got {self.set_weights}")
+        if self.train_backbone_after is not None and self.mode != "cached":
+            raise ValueError("'train_backbone_after' is a setting of mode 'cached' (mode "
+                             "'images' chooses what trains with 'trainable' or 'lora')")  # fmt: skip
+        if not math.isfinite(self.backbone_lr_scale) or self.backbone_lr_scale <= 0:
+            raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         for name in ("iou_weight", "iou_rank_weight", "click_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -161,8 +173,17 @@ class TrainerBase:
         self.mask_size = mask_size  #: side of the square mask frame (losses and clicks)
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        groups: list[dict[str, Any]] = [{"params": self.params}]
+        backbone = [p for n, p in named if n.startswith("image_encoder.backbone.")]
+        if backbone and config.backbone_lr_scale != 1.0:
+            ids = {id(p) for p in backbone}
+            groups = [
+                {"params": [p for p in self.params if id(p) not in ids]},
+                {"params": backbone, "lr_scale": config.backbone_lr_scale},
+            ]
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.rng = np.random.default_rng(config.seed)
         self.log_path = self.out / "log.jsonl"
@@ -345,7 +366,7 @@ class TrainerBase:
         cfg = self.cfg
         self._set_train_mode()
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = self.lr_at(self.step) * g.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
@@ -505,6 +526,21 @@ class Trainer(TrainerBase):
                 )
         for p in enc.backbone.parameters():
             p.requires_grad_(False)
+        #: (stride, its position in the cache) where the trainable backbone tail starts
+        self._tail: tuple[int, int] | None = None
+        self._tail_prefixes: tuple[str, ...] = ()
+        if config.train_backbone_after is not None:
+            stride = config.train_backbone_after
+            if stride not in cache.strides[:-1] or not hasattr(enc.backbone, "forward_from"):
+                raise ValueError(
+                    f"train_backbone_after must be one of the cache's strides but the last "
+                    f"{cache.strides[:-1]} and the backbone must run from it, got {stride}"
+                )
+            self._tail = (stride, cache.strides.index(stride))
+            for n in enc.backbone.tail_blocks(stride):
+                enc.backbone._blocks[n].requires_grad_(True)
+                self._tail_prefixes += (f"image_encoder.backbone._blocks.{n}.",)
+        _check_cached_backbone(enc.backbone, cache, self._tail_prefixes)
         super().__init__(model, config, cache.mask_size)
         self.cache = cache
         self.train_idx, self.val_idx = split_indices(
@@ -574,6 +610,10 @@ class Trainer(TrainerBase):
 
     def _embed(self, feats: list[torch.Tensor], per_image: int):
         feats = [f.to(self.device) for f in feats]
+        if self._tail is not None:
+            stride, k = self._tail
+            backbone = self.model.image_encoder.backbone
+            feats = feats[: k + 1] + backbone.forward_from(feats[k], stride)
         emb, hr = self.model.image_encoder.forward_features(feats)
         rep = lambda t: t.repeat_interleave(per_image, dim=0)  # noqa: E731
         return rep(emb), [rep(h) for h in hr]
@@ -608,8 +648,35 @@ class Trainer(TrainerBase):
         return {
             k: v
             for k, v in self.model.state_dict().items()
-            if not k.startswith("image_encoder.backbone.")
+            if not k.startswith("image_encoder.backbone.") or k.startswith(self._tail_prefixes)
         }
+
+
+def _check_cached_backbone(
+    backbone: torch.nn.Module, cache: FeatureCache, trained: tuple[str, ...]
+) -> None:
+    """Raises when the part of ``backbone`` whose outputs come from ``cache`` is not the
+    pretrained backbone the cache was made with (e.g. weights whose late blocks were trained
+    with ``train_backbone_after``, then trained again without it: the cached coarse features
+    would no longer be the model's)."""
+    from ..modeling.efficientnet import load_pretrained_backbone
+
+    name = cache.index.get("backbone")
+    if not isinstance(name, str) or not hasattr(backbone, "tail_blocks"):
+        return
+    reference = load_pretrained_backbone(name).state_dict()
+    ours = backbone.state_dict()
+    skip = tuple(p.removeprefix("image_encoder.backbone.") for p in trained)
+    for key, value in reference.items():
+        if key.startswith(skip) or key not in ours:
+            continue
+        if ours[key].shape != value.shape or not torch.equal(ours[key].float(), value.float()):
+            raise ValueError(
+                f"the model's backbone differs from the pretrained {name} the feature cache "
+                f"{cache.folder} was made with (first at {key}): its cached features are not "
+                "this model's; keep train_backbone_after as the weights were trained with, or "
+                "train with mode 'images'"
+            )
 
 
 def build_training_model(config: TrainConfig) -> Sam:

@@ -42,6 +42,9 @@ from .prompts import corrective_click, initial_click, noisy_box, noisy_mask_logi
 
 logger = logging.getLogger(__name__)
 
+#: State-dict prefix of a segany-lite model's backbone
+BACKBONE = "image_encoder.backbone."
+
 
 @dataclass
 class TrainConfig:
@@ -180,7 +183,7 @@ class TrainerBase:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         groups: list[dict[str, Any]] = [{"params": self.params}]
-        backbone = [p for n, p in named if n.startswith("image_encoder.backbone.")]
+        backbone = [p for n, p in named if n.startswith(BACKBONE)]
         if backbone and config.backbone_lr_scale != 1.0:
             ids = {id(p) for p in backbone}
             groups = [
@@ -522,7 +525,7 @@ class Trainer(TrainerBase):
             raise ValueError("cached-feature training needs an encoder with forward_features")
         if config.trainable is not None:
             names = set_trainable(model, config.trainable)
-            bad = [n for n in names if n.startswith("image_encoder.backbone.")]
+            bad = [n for n in names if n.startswith(BACKBONE)]
             if bad:
                 raise ValueError(
                     f"trainable selects backbone parameters ({bad[0]}, ...): cached features "
@@ -532,7 +535,7 @@ class Trainer(TrainerBase):
             p.requires_grad_(False)
         #: (stride, its position in the cache) where the trainable backbone tail starts
         self._tail: tuple[int, int] | None = None
-        self._tail_prefixes: tuple[str, ...] = ()
+        tail: range = range(0)
         if config.train_backbone_after is not None:
             stride = config.train_backbone_after
             if stride not in cache.strides[:-1] or not hasattr(enc.backbone, "forward_from"):
@@ -541,10 +544,12 @@ class Trainer(TrainerBase):
                     f"{cache.strides[:-1]} and the backbone must run from it, got {stride}"
                 )
             self._tail = (stride, cache.strides.index(stride))
-            for n in enc.backbone.tail_blocks(stride):
+            tail = enc.backbone.tail_blocks(stride)
+            for n in tail:
                 enc.backbone._blocks[n].requires_grad_(True)
-                self._tail_prefixes += (f"image_encoder.backbone._blocks.{n}.",)
-        _check_cached_backbone(enc.backbone, cache, self._tail_prefixes)
+        #: the backbone's keys that train (``_blocks.N.`` of the tail), without the prefix
+        self._tail_keys = tuple(f"_blocks.{n}." for n in tail)
+        _check_cached_backbone(enc.backbone, cache, self._tail_keys)
         super().__init__(model, config, cache.mask_size)
         self.cache = cache
         self.train_idx, self.val_idx = split_indices(
@@ -652,7 +657,7 @@ class Trainer(TrainerBase):
         return {
             k: v
             for k, v in self.model.state_dict().items()
-            if not k.startswith("image_encoder.backbone.") or k.startswith(self._tail_prefixes)
+            if not k.startswith(BACKBONE) or k.removeprefix(BACKBONE).startswith(self._tail_keys)
         }
 
 
@@ -662,7 +667,8 @@ def _check_cached_backbone(
     """Raises when the part of ``backbone`` whose outputs come from ``cache`` is not the
     pretrained backbone the cache was made with (e.g. weights whose late blocks were trained
     with ``train_backbone_after``, then trained again without it: the cached coarse features
-    would no longer be the model's)."""
+    would no longer be the model's). ``trained``: prefixes of the backbone's own keys that
+    train, which are not compared."""
     from ..modeling.efficientnet import load_pretrained_backbone
 
     name = cache.index.get("backbone")
@@ -670,9 +676,8 @@ def _check_cached_backbone(
         return
     reference = load_pretrained_backbone(name).state_dict()
     ours = backbone.state_dict()
-    skip = tuple(p.removeprefix("image_encoder.backbone.") for p in trained)
     for key, value in reference.items():
-        if key.startswith(skip) or key not in ours:
+        if key.startswith(trained) or key not in ours:
             continue
         if ours[key].shape != value.shape or not torch.equal(ours[key].float(), value.float()):
             raise ValueError(

@@ -71,7 +71,8 @@ class TrainConfig:
     #: chance of a horizontal flip. Mode "images" mirrors the photo; cached mode mirrors the
     #: cached feature maps, which are not the features of the mirrored photo (the channels are
     #: not mirror-symmetric: relative difference ~1 at stride 4, 0.3-0.6 at stride 32 on COCO
-    #: photos), so there it is a feature-space augmentation rather than a photo flip
+    #: photos, ``benchmarks/cached_flip_check.py``), so there it is a feature-space
+    #: augmentation rather than a photo flip
     hflip_prob: float = 0.5
     bf16: bool = True
     seed: int = 0  #: sampling, augmentation and initialisation

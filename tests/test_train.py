@@ -298,6 +298,42 @@ def test_cached_training_of_the_backbone_tail(cache_dir, tmp_path):
         _config(cache_dir, tmp_path / "img", mode="images", train_backbone_after=8)
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         _config(cache_dir, tmp_path / "lr", backbone_lr_scale=0.0)
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        _config(cache_dir, tmp_path / "neg", train_backbone_after=8, backbone_lr_scale=-0.1)
+
+
+def test_frozen_backbone_tail_runs_but_does_not_train(cache_dir, tmp_path):
+    """``backbone_lr_scale`` 0: weights whose tail an earlier stage trained run it from the
+    cached stride-8 features (the guard accepts them) while only ``trainable`` moves, e.g. the
+    IoU head alone; the tail's outputs are the model's, not the cache's coarse features."""
+    first = _config(cache_dir, tmp_path / "tail", steps=2, train_backbone_after=8)
+    tr = Trainer(build_training_model(first), first, FeatureCache(cache_dir))
+    for _ in range(2):
+        tr.train_step()
+    weights = tr.export(tmp_path / "tail.safetensors")
+
+    head = "mask_decoder.iou_prediction_head.*"
+    cfg = _config(
+        cache_dir, tmp_path / "head", init_from=str(weights), trainable=head,
+        train_backbone_after=8, backbone_lr_scale=0.0,
+    )  # fmt: skip
+    model = build_training_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = Trainer(model, cfg, FeatureCache(cache_dir))
+    assert len(tr.opt.param_groups) == 1
+    for _ in range(2):
+        tr.train_step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
+    feats = tr.cache.features([0])  # the trainer's mode: backbone on its running statistics
+    emb, _ = tr._embed(feats, 1)
+    with torch.no_grad():
+        coarse = model.image_encoder.backbone.forward_from(feats[1].float(), 8)
+        want, _ = model.image_encoder.forward_features([*feats[:2], *coarse])
+        cached, _ = model.image_encoder.forward_features(feats)
+    torch.testing.assert_close(emb, want)
+    assert not torch.allclose(emb, cached, atol=1e-3)  # the trained tail, not the cache
 
 
 def test_validation_follows_val_every_not_only_log_steps(cache_dir, tmp_path):

@@ -113,7 +113,9 @@ class TrainConfig:
     #: the coarser ones are computed again each step, with gradients (batch norms keep their
     #: running statistics); None: the backbone stays frozen
     train_backbone_after: int | None = None
-    #: the learning rate of trainable backbone parameters, as a fraction of ``lr``
+    #: the learning rate of trainable backbone parameters, as a fraction of ``lr``; 0 with
+    #: ``train_backbone_after``: the tail runs from the cache (weights trained by an earlier
+    #: stage) but stays frozen, e.g. to train the IoU head alone after such a stage
     backbone_lr_scale: float = 1.0
     # ---- mode "images" only
     lora: dict[str, Any] | None = None  #: LoRA adapters: {rank, alpha, dropout, targets}
@@ -133,8 +135,11 @@ class TrainConfig:
         if self.train_backbone_after is not None and self.mode != "cached":
             raise ValueError("'train_backbone_after' is a setting of mode 'cached' (mode "
                              "'images' chooses what trains with 'trainable' or 'lora')")  # fmt: skip
-        if not math.isfinite(self.backbone_lr_scale) or self.backbone_lr_scale <= 0:
-            raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
+        if not math.isfinite(self.backbone_lr_scale) or self.backbone_lr_scale < 0:
+            raise ValueError(f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}")
+        if self.backbone_lr_scale == 0 and self.train_backbone_after is None:
+            raise ValueError("backbone_lr_scale 0 freezes the tail of 'train_backbone_after', "
+                             "which is not set (what trains is 'trainable')")  # fmt: skip
         for name in ("iou_weight", "iou_rank_weight", "click_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -547,8 +552,9 @@ class Trainer(TrainerBase):
             self._tail = (stride, cache.strides.index(stride))
             tail = enc.backbone.tail_blocks(stride)
             for n in tail:
-                enc.backbone._blocks[n].requires_grad_(True)
-        #: the backbone's keys that train (``_blocks.N.`` of the tail), without the prefix
+                enc.backbone._blocks[n].requires_grad_(config.backbone_lr_scale > 0)
+        #: the backbone's keys run from the cache rather than cached (``_blocks.N.`` of the
+        #: tail; they train unless backbone_lr_scale is 0), without the prefix
         self._tail_keys = tuple(f"_blocks.{n}." for n in tail)
         _check_cached_backbone(enc.backbone, cache, self._tail_keys)
         super().__init__(model, config, cache.mask_size)

@@ -35,7 +35,8 @@ DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
 
 def first_click_ranking(predictor: Predictor, samples) -> dict[str, float]:
     """Mean first-click IoU of the candidate the IoU head ranks first, of the best candidate
-    (oracle), of the largest and of the smallest: how much the ranking loses."""
+    (oracle), of the largest, of the smallest and of each output index always taken
+    (``index0``...): how much the ranking loses, and to which fixed choice."""
     got: dict[str, list[float]] = {"ranked": [], "oracle": [], "largest": [], "smallest": []}
     for s in samples:
         image, gt, ignore = load_sample(s)
@@ -51,6 +52,8 @@ def first_click_ranking(predictor: Predictor, samples) -> dict[str, float]:
         got["oracle"].append(max(ious))
         got["largest"].append(ious[int(np.argmax(areas))])
         got["smallest"].append(ious[int(np.argmin(areas))])
+        for i, v in enumerate(ious):
+            got.setdefault(f"index{i}", []).append(v)
     return {k: float(np.mean(v)) for k, v in got.items()}
 
 

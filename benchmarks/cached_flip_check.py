@@ -88,9 +88,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100, help="held-out images for part 2")
     ap.add_argument("--rounds", type=int, default=2, help="corrective rounds")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = TrainConfig.from_json(args.config)
-    enc = (cfg.model or {}).get("image_encoder", {}) if isinstance(cfg.model, dict) else {}
+    enc = cfg.model.get("image_encoder", {}) if isinstance(cfg.model, dict) else {}
     photos = sorted((ROOT.parent / "shared/data/train/COCO_MVal/images").iterdir())
     feature_differences(
         photos[: args.photos], enc.get("backbone", "lite0"), enc.get("img_size", 512)

@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import segany
 from segany.data import DavisDataset
 from segany.evaluate import evaluate_interactive
@@ -27,30 +25,10 @@ DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
 OUT = ROOT / "segany" / "weights" / "segany_lite_check.json"
 
 
-def scene_ious(model: segany.Sam, seeds: range) -> list[tuple[float, float]]:
-    """``(1-click IoU, box IoU)`` per seed, exactly as ``tests/test_bundled.py`` predicts them."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_bundled import _scene
-
-    out = []
-    predictor = segany.Predictor(model)
-    for seed in seeds:
-        image, gt = _scene(seed)
-        predictor.set_image(image)
-        ys, xs = np.nonzero(gt)
-        masks, scores, _ = predictor.predict(np.array([[xs.mean(), ys.mean()]]), np.array([1]))
-        best = masks[int(np.argmax(scores))]
-        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-        m = predictor.predict(box=box, multimask_output=False)[0][0]
-        out.append(
-            (float((best & gt).sum() / (best | gt).sum()), float((m & gt).sum() / (m | gt).sum()))
-        )
-    return out
-
-
 def main(limit: int = 8, max_clicks: int = 5, scenes: int = 6) -> None:
+    predictor = segany.Predictor(segany.build_model())
     report = evaluate_interactive(
-        segany.Predictor(segany.build_model()),
+        predictor,
         DavisDataset(DAVIS),
         limit=limit,
         max_clicks=max_clicks,
@@ -60,7 +38,10 @@ def main(limit: int = 8, max_clicks: int = 5, scenes: int = 6) -> None:
     rec.update({f"miou@{k + 1}": v for k, v in enumerate(report["miou_at"])})
     OUT.write_text(json.dumps(rec, indent=2) + "\n")
     print(json.dumps(rec, indent=2))
-    ious = scene_ious(segany.build_model(), range(scenes))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_bundled import scene_ious  # exactly what the test predicts
+
+    ious = [scene_ious(predictor, seed) for seed in range(scenes)]
     print("sanity scenes, 1 click / box IoU: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in ious))
 
 

@@ -122,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
 
     samples = held_out_samples(Path(args.config), args.sets.split(","), args.limit)
-    model = build_model(args.checkpoint) if args.checkpoint else build_model()
+    model = build_model(checkpoint=args.checkpoint)  # None: the bundled segany-lite
     targets = list(iter_image_targets(MaskDataset(samples)))
     print(f"{len(targets)} held-out images, {sum(len(t.objects) for t in targets)} objects")
 

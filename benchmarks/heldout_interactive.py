@@ -9,8 +9,9 @@ First, the first-click IoU of the candidate the IoU head ranks first against the
 prints the same on the first N val/DAVIS instances (reported, never used to choose).
 ``--zoom-in`` / ``--flip`` add rows with :class:`segany.zoom.ZoomInPredictor` (zoom-in, then
 zoom-in with test-time flips), the settings of ``segany eval --zoom-in [--flip]`` unless
-``--expansion``, ``--min-crop`` or ``--zoom-boxes`` change them; ``--sets``
-keeps some sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse).
+``--expansion``, ``--min-crop`` or ``--zoom-boxes`` change them; ``--img-size`` runs the
+weights at another input size (segany-lite: no weight depends on it); ``--sets`` keeps some
+sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse).
 
     .venv/bin/python benchmarks/heldout_interactive.py \
         stage2=old.safetensors stage3=artifacts/segany_lite_stage3/model.safetensors
@@ -19,6 +20,7 @@ keeps some sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,Weizman
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,8 +28,10 @@ import numpy as np
 from everything_ap import ROOT, held_out_images
 
 from segany import Predictor, build_model
+from segany.build import instantiate
 from segany.data import DavisDataset, ManifestDataset, MaskDataset, load_sample
 from segany.evaluate import evaluate_interactive, mask_iou, next_click
+from segany.modeling.sam import Sam
 from segany.zoom import ZoomInPredictor
 
 DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
@@ -57,6 +61,21 @@ def first_click_ranking(predictor: Predictor, samples) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in got.items()}
 
 
+def at_input_size(model: Sam, size: int | None) -> Sam:
+    """``model`` with its encoder run at ``size`` px (None: as trained). Every weight of a
+    convolutional encoder and of the decoder is independent of the grid, so the same weights
+    load; what changes is the scale the features see."""
+    if size is None or size == model.img_size:
+        return model
+    cfg = model.config
+    if cfg.image_encoder.kind != "efficientnet_lite":
+        raise SystemExit("--img-size needs a convolutional (segany-lite) encoder")
+    cfg = dataclasses.replace(
+        cfg, image_encoder=dataclasses.replace(cfg.image_encoder, img_size=size)
+    )
+    return instantiate(cfg, model.state_dict(), f"{cfg.image_encoder.kind} at {size} px")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="NAME=weights.safetensors")
@@ -72,6 +91,9 @@ def main() -> None:
     ap.add_argument("--min-crop", type=float, default=0.3, help="zoom-in shortest crop side")
     ap.add_argument("--zoom-boxes", action="store_true", help="zoom-in: boxes on a crop too")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain predictor's row")
+    ap.add_argument(
+        "--img-size", type=int, help="run the weights at this input size (no retraining)"
+    )
     args = ap.parse_args()
     keep = set(args.sets.split(",")) if args.sets else None
     held = held_out_images(Path(args.config))
@@ -88,7 +110,7 @@ def main() -> None:
     ds = MaskDataset(samples, check_files=False)
     results = {}
     for name, weights in (m.split("=", 1) for m in args.models):
-        predictor = Predictor(build_model(checkpoint=weights))
+        predictor = Predictor(at_input_size(build_model(checkpoint=weights), args.img_size))
         rank = first_click_ranking(predictor, samples)
         print(
             f"{name}: first click, candidate " + "  ".join(f"{k} {v:.3f}" for k, v in rank.items())
@@ -122,7 +144,7 @@ def main() -> None:
             print(
                 f"{row}: NoC@85 {r['noc']['85']:.2f}  NoC@90 {r['noc']['90']:.2f}  "
                 f"mIoU@1-5 {miou}  @{args.clicks} {r['miou_at'][-1]:.3f}  "
-                f"box {r['box_miou']:.3f}  clicks obeyed @5 {r['clicks_obeyed_at'][4]:.2f} "
+                f"box {r['box_miou']:.3f}  clicks obeyed @{min(5, args.clicks)} {r['clicks_obeyed_at'][min(5, args.clicks) - 1]:.2f} "
                 f"@{args.clicks} {r['clicks_obeyed_at'][-1]:.2f}  {1000 * r['seconds_per_prediction']:.0f} ms/prediction"
             )
     if args.out:

@@ -129,7 +129,7 @@ register_model(
         # on the 14 held-out COCO_panoptic200 images, the most masks within 0.01 of the best;
         # docs/amg_thresholds_segany_lite.json); SAM's defaults keep no mask with these weights
         generator_defaults=MappingProxyType(
-            {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.7, "stability_score_offset": 1.0}
+            {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.6, "stability_score_offset": 1.0}
         ),
     )
 )

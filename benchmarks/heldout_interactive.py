@@ -141,10 +141,11 @@ def main() -> None:
                 "seconds_per_prediction": r["seconds_per_prediction"],
             }
             miou = " / ".join(f"{v:.3f}" for v in r["miou_at"][:5])
+            at = min(5, args.clicks)  # clicks obeyed after 5, or after all when fewer
             print(
                 f"{row}: NoC@85 {r['noc']['85']:.2f}  NoC@90 {r['noc']['90']:.2f}  "
                 f"mIoU@1-5 {miou}  @{args.clicks} {r['miou_at'][-1]:.3f}  "
-                f"box {r['box_miou']:.3f}  clicks obeyed @{min(5, args.clicks)} {r['clicks_obeyed_at'][min(5, args.clicks) - 1]:.2f} "
+                f"box {r['box_miou']:.3f}  clicks obeyed @{at} {r['clicks_obeyed_at'][at - 1]:.2f} "
                 f"@{args.clicks} {r['clicks_obeyed_at'][-1]:.2f}  {1000 * r['seconds_per_prediction']:.0f} ms/prediction"
             )
     if args.out:

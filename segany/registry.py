@@ -109,10 +109,10 @@ register_model(
 
 
 #: segany-lite: EfficientNet-Lite0 (ImageNet, frozen) + fusion neck + SAM prompt encoder and
-#: mask decoder with high-resolution features; 512 px input, 32 x 32 x 128 embedding. The
+#: mask decoder with high-resolution features; 640 px input, 40 x 40 x 128 embedding. The
 #: decoder is SAM's at width 128 (not 256): 6x cheaper to train on 2 CPU cores (measured).
 SEGANY_LITE_CONFIG = SamConfig(
-    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=512, out_chans=128, neck_blocks=4),
+    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=640, out_chans=128, neck_blocks=4),
     mask_decoder=MaskDecoderConfig(
         transformer_mlp_dim=1024, iou_head_hidden_dim=128, use_high_res_features=True
     ),
@@ -123,7 +123,7 @@ register_model(
     ModelSpec(
         "segany-lite",
         SEGANY_LITE_CONFIG,
-        "segany's own offline model (Lite0, 512 px; see MODEL_CARD.md)",
+        "segany's own offline model (Lite0, 640 px; see MODEL_CARD.md)",
         bundled="segany_lite.safetensors",
         # chosen by benchmarks/tune_amg_thresholds.py --f1-tolerance 0.01 (F1 at mask IoU 0.5
         # on the 14 held-out COCO_panoptic200 images, the most masks within 0.01 of the best;

@@ -64,8 +64,11 @@ class MaskDecoder(nn.Module):
         #: (prompts x hw x C floats) stay under this many bytes. Same results up to float
         #: rounding (products of another height may sum in another order). Faster on CPU:
         #: a tensor above glibc's 32 MiB mmap ceiling is fresh memory, a page fault per 4 KiB
-        #: (one-off run, segany-lite "everything" at 640 px, 64 prompts a batch: 4.7 -> 4.3 s).
-        self.group_bytes = 4 << 20
+        #: (one-off run, 512-px segany-lite "everything", 64 prompts a batch: 4.7 -> 4.3 s with
+        #: 4 MiB), while small groups pay the token-side ops once per group.
+        #: ``benchmarks/decode_groups.py`` (AVX2 EPYC, medians of 5): 16 MiB against 4 MiB,
+        #: 64 ViT-B boxes 0.72-0.79x, 640-px segany-lite "everything" 0.94x; 24 MiB no better.
+        self.group_bytes = 16 << 20
 
     def forward(
         self,

@@ -17,11 +17,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from lite_targets import DAVIS, _photo
+from speed import random_boxes, random_vit_b, synthetic_image  # tests/conftest.py's
 
-from segany import AutomaticMaskGenerator, Predictor, build_model, build_sam, get_model_spec
+from segany import AutomaticMaskGenerator, Predictor, build_model
 from segany.optimize import set_threads
 
 
@@ -33,21 +33,11 @@ def _lite() -> tuple[torch.nn.Module, Callable[[], object]]:
 
 
 def _vit_b() -> tuple[torch.nn.Module, Callable[[], object]]:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import randomize_, synthetic_image
-
-    model = randomize_(build_sam(get_model_spec("vit_b").config), 0, 0.02).eval()
-    randomize_(model.mask_decoder, 2, 0.1)
+    model = random_vit_b()
     h, w = 480, 640
     pred = Predictor(model)
     pred.set_image(synthetic_image(h, w, seed=4))
-    rng = np.random.default_rng(0)
-    xy = rng.uniform(0, [w / 2, h / 2], (64, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(20, [w / 2, h / 2], (64, 2))], 1)
-    tb = torch.as_tensor(pred.transform.apply_boxes(boxes, (h, w)), dtype=torch.float)
+    tb = torch.as_tensor(pred.transform.apply_boxes(random_boxes(h, w), (h, w)), dtype=torch.float)
     return model, lambda: pred.predict_torch(None, None, boxes=tb)
 
 

@@ -64,6 +64,21 @@ def report(title: str, res: dict[str, tuple[float, float]], base: str, unit: flo
         )
 
 
+def random_vit_b() -> torch.nn.Module:
+    """segany's ViT-B with the random weights every figure here is measured on."""
+    model = randomize_(build_sam(get_model_spec("vit_b").config), 0, 0.02).eval()
+    randomize_(model.prompt_encoder, 1, 0.1)
+    randomize_(model.mask_decoder, 2, 0.1)
+    return model
+
+
+def random_boxes(h: int, w: int, n: int = 64) -> np.ndarray:
+    """``n`` fixed xyxy boxes in an ``h x w`` image (the batch-decoding prompts)."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, [w / 2, h / 2], (n, 2))
+    return np.concatenate([xy, xy + rng.uniform(20, [w / 2, h / 2], (n, 2))], 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -79,9 +94,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {set_threads(args.threads)}")
     from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 
-    ours = randomize_(build_sam(get_model_spec("vit_b").config), 0, 0.02).eval()
-    randomize_(ours.prompt_encoder, 1, 0.1)
-    randomize_(ours.mask_decoder, 2, 0.1)
+    ours = random_vit_b()
     ref = sam_model_registry["vit_b"]().eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     plain = build_sam(get_model_spec("vit_b").config).eval()
@@ -128,10 +141,9 @@ def main() -> None:
         report(f"decode one click at {h}x{w} (ms), turns of 5 calls", res, "reference", 1e3, "ms")
 
     if "batch" not in skip:
-        rng = np.random.default_rng(0)
-        xy = rng.uniform(0, [w / 2, h / 2], (64, 2))
-        boxes = np.concatenate([xy, xy + rng.uniform(20, [w / 2, h / 2], (64, 2))], 1)
-        tb = torch.as_tensor(pr.transform.apply_boxes(boxes, (h, w)), dtype=torch.float)
+        tb = torch.as_tensor(
+            pr.transform.apply_boxes(random_boxes(h, w), (h, w)), dtype=torch.float
+        )
         res = measure(
             {
                 "reference": lambda: pr.predict_torch(None, None, boxes=tb),

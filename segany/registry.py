@@ -108,9 +108,10 @@ register_model(
 )
 
 
-#: segany-lite: EfficientNet-Lite0 (ImageNet, frozen) + fusion neck + SAM prompt encoder and
-#: mask decoder with high-resolution features; 640 px input, 40 x 40 x 128 embedding. The
-#: decoder is SAM's at width 128 (not 256): 6x cheaper to train on 2 CPU cores (measured).
+#: segany-lite: EfficientNet-Lite0 (ImageNet; late stages fine-tuned) + fusion neck + SAM
+#: prompt encoder and mask decoder with high-resolution features; 640 px input, 40 x 40 x 128
+#: embedding. The decoder is SAM's at width 128 (not 256): 6x cheaper to train on 2 CPU cores
+#: (measured).
 SEGANY_LITE_CONFIG = SamConfig(
     image_encoder=LiteEncoderConfig(backbone="lite0", img_size=640, out_chans=128, neck_blocks=4),
     mask_decoder=MaskDecoderConfig(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +197,24 @@ def config_from_metadata(metadata: Mapping[str, str], source: str) -> SamConfig 
 
 
 def load_state_dict_strict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    allow_missing: Sequence[str] = (),
 ) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file, keys and shapes."""
+    """``load_state_dict(strict=True)`` with an error that names the file, keys and shapes.
+
+    ``allow_missing``: key prefixes the file may lack (modules a training config adds to
+    weights made without them); those keep the model's values."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
+    kept = [k for k in missing if k.startswith(tuple(allow_missing))]
+    if allow_missing and not kept:
+        raise CheckpointError(
+            f"checkpoint {source}: no key of the model starting with {list(allow_missing)} is "
+            "missing from it (nothing to keep; check the prefixes)"
+        )
+    missing = [k for k in missing if k not in kept]
     unexpected = sorted(set(state) - set(expected))
     wrong = [
         f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
@@ -219,9 +232,20 @@ def load_state_dict_strict(
         raise CheckpointError(
             f"checkpoint {source} does not match the model: " + "; ".join(problems)
         )
-    # Assign (works for models built on the meta device), in the model's own dtypes.
-    cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    # Assign (works for models built on the meta device), in the model's own dtypes, in
+    # 64-byte aligned memory: tensors of a .safetensors file sit at 8-byte offsets of it, and
+    # some CPU kernels round differently on such memory (the same weights would not give
+    # bitwise the same outputs as the model they were saved from).
+    cast = {k: _aligned(v.to(expected[k].dtype)) for k, v in state.items()}
+    cast.update({k: expected[k] for k in kept})
     model.load_state_dict(cast, strict=True, assign=True)
+
+
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``t``, or a copy of it in fresh (aligned) memory where its data is not aligned."""
+    if t.device.type != "cpu" or t.data_ptr() % alignment == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def save_safetensors(

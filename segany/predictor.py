@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .modeling.mask_decoder import MaskDecoder
 from .modeling.sam import Sam
 from .transforms import ResizeLongestSide
 
@@ -450,20 +449,15 @@ class Predictor:
         self._require_image()
         if self.backend is not None:
             return self._decode_backend(points, boxes, mask_input, multimask_output)
-        model = self.model
-        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        extra: dict[str, Any] = {}
-        if self.high_res_features is not None:
-            extra["high_res_features"] = self.high_res_features
-        if iou_floor is not None and isinstance(model.mask_decoder, MaskDecoder):
-            extra["iou_floor"] = iou_floor  # a stand-in decoder need not know it
-        return model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+        assert self.features is not None  # _require_image
+        return self.model.decode(
+            self.features,
+            self.high_res_features,
+            points=points,
+            boxes=boxes,
+            masks=mask_input,
             multimask_output=multimask_output,
-            **extra,
+            iou_floor=iou_floor,
         )
 
     def _decode_backend(

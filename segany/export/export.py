@@ -107,6 +107,15 @@ class DecoderGraph(nn.Module):
         gh, gw = pe.image_embedding_size
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, gh, gw)
         dense = has_mask_input * pe.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
+        if self.high_res and pe.high_res_prompt is not None:
+            high_res_0 = high_res_0 + pe.high_res_prompt(  # type: ignore[operator]
+                point_coords,
+                point_labels,
+                mask_input,
+                has_mask_input.reshape(-1, 1, 1, 1),
+                pe.mask_input_size,
+                b,
+            )
         return self.mask_decoder.predict_masks(
             image_embeddings,
             pe.get_dense_pe(),

@@ -59,6 +59,9 @@ class PromptEncoderConfig:
     """The prompt encoder."""
 
     mask_in_chans: int = 16  #: channels of the mask-downscaling convolutions
+    #: segany-lite: the clicks and the mask input at the mask frame, added to the decoder's
+    #: stride-4 features (``prompt_encoder.HighResPrompt``; needs ``use_high_res_features``)
+    high_res_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ def build_sam(config: SamConfig) -> Sam:
     dim = config.prompt_embed_dim
     grid = enc.embedding_size
     dec = config.mask_decoder
+    if config.prompt_encoder.high_res_prompt and not dec.use_high_res_features:
+        raise ValueError("high_res_prompt needs a mask decoder with use_high_res_features")
     sam = Sam(
         image_encoder=build_image_encoder(enc),
         prompt_encoder=PromptEncoder(
@@ -165,6 +170,7 @@ def build_sam(config: SamConfig) -> Sam:
             image_embedding_size=(grid, grid),
             input_image_size=(enc.img_size, enc.img_size),
             mask_in_chans=config.prompt_encoder.mask_in_chans,
+            high_res_prompt=config.prompt_encoder.high_res_prompt,
         ),
         mask_decoder=MaskDecoder(
             transformer_dim=dim,

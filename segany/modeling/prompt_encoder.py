@@ -26,6 +26,7 @@ class PromptEncoder(nn.Module):
         input_image_size: tuple[int, int],
         mask_in_chans: int,
         activation: type[nn.Module] = nn.GELU,
+        high_res_prompt: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -47,6 +48,9 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        #: segany-lite only (None for the SAM checkpoints): the clicks and the mask input at the
+        #: mask frame, for the decoder's stride-4 features (:meth:`high_res_embedding`)
+        self.high_res_prompt = HighResPrompt(embed_dim // 8) if high_res_prompt else None
 
     def get_dense_pe(self) -> torch.Tensor:
         """``1 x embed_dim x h x w`` positional encoding of the embedding grid (channels-last
@@ -128,6 +132,95 @@ class PromptEncoder(nn.Module):
                 bs, -1, self.image_embedding_size[0], self.image_embedding_size[1]
             )
         return sparse, dense
+
+    def high_res_embedding(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        masks: torch.Tensor | None,
+        batch_size: int,
+    ) -> torch.Tensor | None:
+        """``B x embed_dim/8 x 4h x 4w`` for the decoder's stride-4 features (added to the
+        encoder's), or None without a :class:`HighResPrompt`. ``points`` and ``masks`` as
+        :meth:`forward` takes them."""
+        if self.high_res_prompt is None:
+            return None
+        coords, labels = points if points is not None else (None, None)
+        has_mask = None if masks is None else masks.new_ones(masks.shape[0], 1, 1, 1)
+        return self.high_res_prompt(
+            coords, labels, masks, has_mask, self.mask_input_size, batch_size
+        )
+
+
+class HighResPrompt(nn.Module):
+    """The prompt at the decoder's finest resolution (segany-lite's dense prompt branch).
+
+    SAM's decoder sees clicks only as tokens and the previous mask only downscaled to the
+    embedding grid (``h x w``), so a correction near a boundary, and the boundary detail of the
+    mask fed back, must be recovered from the image features every round. This branch draws
+    the positive and negative clicks as disks (``radius`` mask-frame pixels) and takes the mask
+    input at full mask-frame resolution (``4h x 4w``), with a channel that says whether there
+    is one, and turns them, through two 3x3 convolutions, into ``out_chans`` features added to
+    the decoder's stride-4 features before its last activation. The last convolution starts at
+    zero, so a model gains the branch without changing its outputs until it is trained (as
+    early fusion of click maps and the previous mask does in RITM and FocalClick).
+    """
+
+    def __init__(self, out_chans: int, hidden: int = 16, radius: float = 3.0) -> None:
+        super().__init__()
+        self.radius = radius
+        self.conv1 = nn.Conv2d(4, hidden, kernel_size=3, padding=1)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(hidden, out_chans, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        if self.conv2.bias is not None:
+            nn.init.zeros_(self.conv2.bias)
+
+    def click_maps(
+        self, coords: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``B x 2 x H x W`` disks (positive, negative) in a mask frame of ``size`` for points
+        ``B x N x 2`` (x, y) in the model's input frame (``4`` input pixels per mask-frame
+        pixel); labels other than 0 and 1 (padding, box corners) draw nothing."""
+        h, w = size
+        scale = 4.0  # input pixels per mask-frame pixel
+        u = (coords[..., 0] + 0.5) / scale - 0.5  # B x N, mask-frame pixel centres
+        v = (coords[..., 1] + 0.5) / scale - 0.5
+        ys = torch.arange(h, device=coords.device, dtype=coords.dtype)
+        xs = torch.arange(w, device=coords.device, dtype=coords.dtype)
+        dy = (ys.view(1, 1, h, 1) - v[..., None, None]) ** 2  # B x N x H x 1
+        dx = (xs.view(1, 1, 1, w) - u[..., None, None]) ** 2  # B x N x 1 x W
+        inside = (dy + dx) <= self.radius**2  # B x N x H x W
+        lab = labels[..., None, None]
+        pos = (inside & (lab == 1)).any(dim=1)
+        neg = (inside & (lab == 0)).any(dim=1)
+        return torch.stack([pos, neg], dim=1).to(coords.dtype)
+
+    def forward(
+        self,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        has_mask: torch.Tensor | None,
+        size: tuple[int, int],
+        batch_size: int,
+    ) -> torch.Tensor:
+        """Points ``B x N x 2`` and labels ``B x N`` (or None), mask logits ``B x 1 x H x W``
+        and ``has_mask`` ``B x 1 x 1 x 1`` (1 where ``masks`` is a real input, 0 where it is a
+        placeholder; None with ``masks``) -> ``B x out_chans x H x W`` for ``size`` (H, W)."""
+        weight = self.conv1.weight
+        h, w = size
+        if coords is not None and labels is not None:
+            clicks = self.click_maps(coords.to(weight.dtype), labels, size)
+        else:
+            clicks = weight.new_zeros(batch_size, 2, h, w)
+        if masks is None or has_mask is None:
+            mask = flag = weight.new_zeros(batch_size, 1, h, w)
+        else:
+            # logits squashed to (-1, 1): fed-back logits reach +-20 and more
+            mask = torch.tanh(masks.to(weight.dtype) * 0.25) * has_mask
+            flag = has_mask.expand(-1, 1, h, w)
+        x = torch.cat([t.expand(batch_size, -1, h, w) for t in (flag, mask, clicks)], dim=1)
+        return self.conv2(self.act(self.conv1(x)))
 
 
 class PositionEmbeddingRandom(nn.Module):

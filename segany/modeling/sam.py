@@ -79,6 +79,40 @@ class Sam(nn.Module):
                 return p.dtype
         return torch.float32
 
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        multimask_output: bool,
+        iou_floor: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder on one image's encoding (``1 x C x h x w`` and its
+        high-res features, or a batch of B, one per prompt): low-res logits ``B x M x 4h x 4w``
+        and IoU predictions ``B x M``. Prompts as :class:`PromptEncoder` takes them;
+        ``iou_floor`` as :class:`MaskDecoder` takes it (ignored by other decoders)."""
+        pe = self.prompt_encoder
+        sparse, dense = pe(points=points, boxes=boxes, masks=masks)
+        extra: dict[str, Any] = {}
+        if high_res_features is not None:
+            prompt_s0 = pe.high_res_embedding(points, masks, sparse.shape[0])
+            if prompt_s0 is not None:  # the prompt's share of the stride-4 features
+                high_res_features = [high_res_features[0] + prompt_s0, *high_res_features[1:]]
+            extra["high_res_features"] = high_res_features
+        if iou_floor is not None and isinstance(self.mask_decoder, MaskDecoder):
+            extra["iou_floor"] = iou_floor  # a stand-in decoder need not know it
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            **extra,
+        )
+
     @torch.no_grad()
     def forward(
         self, batched_input: list[dict[str, Any]], multimask_output: bool
@@ -96,16 +130,13 @@ class Sam(nn.Module):
             points = None
             if "point_coords" in record:
                 points = (record["point_coords"], record["point_labels"])
-            sparse, dense = self.prompt_encoder(
-                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
-            )
-            low_res, iou = self.mask_decoder(
-                image_embeddings=emb.unsqueeze(0),
-                image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
+            low_res, iou = self.decode(
+                emb.unsqueeze(0),
+                None if high_res is None else [f[i : i + 1] for f in high_res],
+                points=points,
+                boxes=record.get("boxes"),
+                masks=record.get("mask_inputs"),
                 multimask_output=multimask_output,
-                high_res_features=None if high_res is None else [f[i : i + 1] for f in high_res],
             )
             masks = self.postprocess_masks(
                 low_res,

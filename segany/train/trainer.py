@@ -86,6 +86,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 0  #: torch threads (0: leave as is)
     init_from: str | None = None  #: weights to start from (e.g. the shipped model)
+    #: key prefixes ``init_from`` may lack: modules this config's model adds to those weights
+    #: (e.g. ``["prompt_encoder.high_res_prompt."]``), which keep their fresh initialisation;
+    #: every other key must be in the file (mode "cached" with a segany-lite config dict)
+    init_missing: list[str] = field(default_factory=list)
     #: datasets: manifest folders, {"coco": JSON, "images": DIR}, {"images": DIR, "masks": DIR}
     data: list[Any] = field(default_factory=list)
     #: a SamConfig dict or a registered model name ("vit_b", "segany-lite", ...)
@@ -144,6 +148,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.init_missing and not self.init_from:
+            raise ValueError("'init_missing' names keys missing from 'init_from', which is not set")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
@@ -230,15 +236,8 @@ class TrainerBase:
 
     # ---------------------------------------------------------------- model pieces
     def _decode(self, emb, hr, points, boxes, mask_in, multimask: bool):
-        pe = self.model.prompt_encoder
-        sparse, dense = pe(points=points, boxes=boxes, masks=mask_in)
-        return self.model.mask_decoder(
-            image_embeddings=emb,
-            image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-            high_res_features=hr,
+        return self.model.decode(
+            emb, hr, points=points, boxes=boxes, masks=mask_in, multimask_output=multimask
         )
 
     def _autocast(self):
@@ -739,7 +738,7 @@ def build_training_model(config: TrainConfig) -> Sam:
             from ..checkpoint import load_state_dict_strict, read_state_dict
 
             state, _ = read_state_dict(config.init_from)
-            load_state_dict_strict(model, state, config.init_from)
+            load_state_dict_strict(model, state, config.init_from, config.init_missing)
         return model
     return _build_from_weights(config, sam_cfg)
 
@@ -751,6 +750,9 @@ def _build_from_weights(config: TrainConfig, sam_cfg: SamConfig | None) -> Sam:
     from ..modeling.efficientnet import load_pretrained_backbone
     from ..registry import bundled_weights_path, get_model_spec
 
+    if config.init_missing:
+        raise ValueError("'init_missing' needs a segany-lite config dict as 'model' (the model "
+                         "is then built from it and 'init_from' loaded into it)")  # fmt: skip
     weights: str | Path | None = config.init_from
     if weights is None and isinstance(config.model, str):
         weights = bundled_weights_path(config.model)

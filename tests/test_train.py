@@ -463,3 +463,38 @@ def test_set_weights_steer_which_images_are_drawn(cache_dir, tmp_path):
         Trainer(build_training_model(bad), bad, FeatureCache(cache_dir))
     with pytest.raises(ValueError, match="set_weights"):
         _config(cache_dir, tmp_path / "neg", set_weights={"synthetic": -1.0})
+
+
+def test_init_missing_adds_a_module_to_trained_weights(cache_dir, tmp_path):
+    """A config whose model has the high-res prompt branch starts from weights made without
+    it: every other weight is the file's, the branch starts at its zero-initialised output and
+    trains; any other missing key, or ``init_missing`` without ``init_from``, is an error."""
+    from segany.checkpoint import CheckpointError, read_state_dict
+
+    first = _config(cache_dir, tmp_path / "a", steps=2)
+    tr = Trainer(build_training_model(first), first, FeatureCache(cache_dir))
+    tr.fit(progress=False)
+    weights = tr.export(tmp_path / "a.safetensors")
+    model = dict(TINY_LITE.to_dict(), prompt_encoder={"high_res_prompt": True})
+    prefix = "prompt_encoder.high_res_prompt."
+    cfg = _config(
+        cache_dir, tmp_path / "b", steps=3, model=model, init_from=str(weights),
+        init_missing=[prefix],
+    )  # fmt: skip
+    start = build_training_model(cfg)
+    saved, _ = read_state_dict(weights)
+    for k, v in start.state_dict().items():
+        if k.startswith(prefix):
+            assert k not in saved
+        else:
+            torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    assert not start.prompt_encoder.high_res_prompt.conv2.weight.any()
+    tr2 = Trainer(start, cfg, FeatureCache(cache_dir))
+    tr2.fit(progress=False)
+    assert tr2.model.prompt_encoder.high_res_prompt.conv2.weight.abs().sum() > 0
+    with pytest.raises(CheckpointError, match="missing"):
+        build_training_model(
+            _config(cache_dir, tmp_path / "c", model=model, init_from=str(weights))
+        )
+    with pytest.raises(ValueError, match="init_from"):
+        _config(cache_dir, tmp_path / "d", init_missing=[prefix])

@@ -498,3 +498,17 @@ def test_init_missing_adds_a_module_to_trained_weights(cache_dir, tmp_path):
         )
     with pytest.raises(ValueError, match="init_from"):
         _config(cache_dir, tmp_path / "d", init_missing=[prefix])
+
+
+def test_bf16_autocast_trains_and_validates(cache_dir, tmp_path):
+    """bf16 autocast in training and in the no-grad validation rollout (where the decoder's
+    in-place residual update must not mix bfloat16 products into a float32 tensor). Width 128
+    as segany-lite's: the decoder then takes its few-token attention path, where that update
+    happens."""
+    model = TINY_LITE.to_dict()
+    model["image_encoder"]["out_chans"] = 128
+    cfg = _config(cache_dir, tmp_path / "run", steps=4, bf16=True, model=model)
+    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    tr.fit(progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "val_miou@1" in log[-1] and np.isfinite(log[-1]["r0_loss"])

@@ -339,7 +339,12 @@ class Attention(nn.Module):
         f = f.reshape(b, h * nk, c) + self.out_proj.bias / h
         if residual is None:
             return attn.transpose(1, 2) @ f
-        if residual_inplace and residual.shape == (b, nq, c) and residual.is_contiguous():
+        if (
+            residual_inplace
+            and residual.shape == (b, nq, c)
+            and residual.is_contiguous()
+            and residual.dtype == attn.dtype == f.dtype  # not so under autocast
+        ):
             return residual.baddbmm_(attn.transpose(1, 2), f)
         return torch.baddbmm(residual, attn.transpose(1, 2), f)
 

@@ -148,3 +148,36 @@ def test_onnx_decoder_computes_the_branch(tmp_path):
         np.testing.assert_allclose(la, lb, atol=1e-3, rtol=1e-3)
         for x, y in zip(ma, mb):
             assert mask_iou(x, y) >= 0.99
+
+
+def test_one_click_windows_equal_the_whole_frame():
+    """Prompts of one click and no mask (first clicks, "segment everything") are computed on
+    a window around the click at inference: the same values as convolving the whole frame,
+    at the frame's edges and corners, outside it, and for negative and padding labels."""
+    torch.manual_seed(0)
+    branch = HighResPrompt(8).eval()
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    size = (24, 32)  # mask frame rows x columns; the input frame is 4x that
+    xy = [(50.0, 40.0), (0.0, 0.0), (127.0, 95.0), (3.0, 90.0), (126.0, 2.0), (60.0, 1.0),
+          (66.0, 94.0), (-9.0, 40.0), (140.0, 120.0), (17.3, 58.9)]  # fmt: skip
+    coords = torch.tensor(xy).view(-1, 1, 2)
+    labels = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, -1]).view(-1, 1)
+    with torch.enable_grad():  # the whole-frame computation
+        whole = branch(coords, labels, None, None, size, len(xy)).detach()
+    with torch.no_grad():
+        windows = branch(coords, labels, None, None, size, len(xy))
+    torch.testing.assert_close(windows, whole, rtol=1e-5, atol=1e-5)
+    base = torch.randn(1, 8, *size)  # the encoder's stride-4 features, shared by the prompts
+    with torch.no_grad():
+        with_base = branch(coords, labels, None, None, size, len(xy), base)
+        again = branch(coords, labels, None, None, size, len(xy), base)  # kept base + empty
+        other = branch(coords, labels, None, None, size, len(xy), base * 2)
+    torch.testing.assert_close(with_base, whole + base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, with_base, rtol=0, atol=0)
+    torch.testing.assert_close(other, whole + base * 2, rtol=1e-5, atol=1e-5)
+    # it is a real window: the click changes the output near it only
+    far = windows[0, :, 20:, :4]
+    torch.testing.assert_close(far, branch._empty_response(size)[0, :, 20:, :4])
+    assert (windows[0] - branch._empty_response(size)[0]).abs().amax() > 0.1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, tracing
@@ -138,16 +140,17 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         masks: torch.Tensor | None,
         batch_size: int,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """``B x embed_dim/8 x 4h x 4w`` for the decoder's stride-4 features (added to the
-        encoder's), or None without a :class:`HighResPrompt`. ``points`` and ``masks`` as
-        :meth:`forward` takes them."""
+        """``B x embed_dim/8 x 4h x 4w`` for the decoder's stride-4 features, plus ``base``
+        (the encoder's, ``1|B x embed_dim/8 x 4h x 4w``) when given; None without a
+        :class:`HighResPrompt`. ``points`` and ``masks`` as :meth:`forward` takes them."""
         if self.high_res_prompt is None:
             return None
         coords, labels = points if points is not None else (None, None)
         has_mask = None if masks is None else masks.new_ones(masks.shape[0], 1, 1, 1)
         return self.high_res_prompt(
-            coords, labels, masks, has_mask, self.mask_input_size, batch_size
+            coords, labels, masks, has_mask, self.mask_input_size, batch_size, base
         )
 
 
@@ -176,20 +179,33 @@ class HighResPrompt(nn.Module):
             nn.init.zeros_(self.conv2.bias)
 
     def click_maps(
-        self, coords: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]
+        self,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        size: tuple[int, int],
+        origin: torch.Tensor | None = None,
+        frame: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """``B x 2 x H x W`` disks (positive, negative) in a mask frame of ``size`` for points
-        ``B x N x 2`` (x, y) in the model's input frame (``4`` input pixels per mask-frame
-        pixel); labels other than 0 and 1 (padding, box corners) draw nothing."""
+        """``B x 2 x H x W`` disks (positive, negative) for points ``B x N x 2`` (x, y) in the
+        model's input frame (``4`` input pixels per mask-frame pixel); labels other than 0 and
+        1 (padding, box corners) draw nothing. The ``H x W`` = ``size`` grid is the mask frame,
+        or with ``origin`` (``B x 2`` integer (row, column) of each item's top-left pixel) a
+        window of it per item, zero outside the ``frame`` (H, W) it belongs to."""
         h, w = size
         scale = 4.0  # input pixels per mask-frame pixel
         u = (coords[..., 0] + 0.5) / scale - 0.5  # B x N, mask-frame pixel centres
         v = (coords[..., 1] + 0.5) / scale - 0.5
-        ys = torch.arange(h, device=coords.device, dtype=coords.dtype)
-        xs = torch.arange(w, device=coords.device, dtype=coords.dtype)
-        dy = (ys.view(1, 1, h, 1) - v[..., None, None]) ** 2  # B x N x H x 1
-        dx = (xs.view(1, 1, 1, w) - u[..., None, None]) ** 2  # B x N x 1 x W
+        ys = torch.arange(h, device=coords.device).view(1, h)  # 1|B x H
+        xs = torch.arange(w, device=coords.device).view(1, w)
+        if origin is not None:
+            ys, xs = ys + origin[:, :1], xs + origin[:, 1:]
+        dy = (ys.to(coords.dtype)[:, None, :, None] - v[..., None, None]) ** 2  # B x N x H x 1
+        dx = (xs.to(coords.dtype)[:, None, None, :] - u[..., None, None]) ** 2  # B x N x 1 x W
         inside = (dy + dx) <= self.radius**2  # B x N x H x W
+        if frame is not None:
+            rows = (ys >= 0) & (ys < frame[0])
+            cols = (xs >= 0) & (xs < frame[1])
+            inside = inside & rows[:, None, :, None] & cols[:, None, None, :]
         lab = labels[..., None, None]
         pos = (inside & (lab == 1)).any(dim=1)
         neg = (inside & (lab == 0)).any(dim=1)
@@ -203,10 +219,21 @@ class HighResPrompt(nn.Module):
         has_mask: torch.Tensor | None,
         size: tuple[int, int],
         batch_size: int,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Points ``B x N x 2`` and labels ``B x N`` (or None), mask logits ``B x 1 x H x W``
         and ``has_mask`` ``B x 1 x 1 x 1`` (1 where ``masks`` is a real input, 0 where it is a
-        placeholder; None with ``masks``) -> ``B x out_chans x H x W`` for ``size`` (H, W)."""
+        placeholder; None with ``masks``) -> ``B x out_chans x H x W`` for ``size`` (H, W),
+        plus ``base`` (``1|B x out_chans x H x W``) when given."""
+        if (
+            masks is None
+            and coords is not None
+            and labels is not None
+            and coords.shape[1] == 1
+            and not torch.is_grad_enabled()
+            and not tracing()
+        ):
+            return self._one_click(coords, labels, size, base)
         weight = self.conv1.weight
         h, w = size
         if coords is not None and labels is not None:
@@ -220,7 +247,74 @@ class HighResPrompt(nn.Module):
             mask = torch.tanh(masks.to(weight.dtype) * 0.25) * has_mask
             flag = has_mask.expand(-1, 1, h, w)
         x = torch.cat([t.expand(batch_size, -1, h, w) for t in (flag, mask, clicks)], dim=1)
-        return self.conv2(self.act(self.conv1(x)))
+        out = self.conv2(self.act(self.conv1(x)))
+        return out if base is None else base + out
+
+    def _one_click(
+        self,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        size: tuple[int, int],
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`forward` for prompts of one click and no mask input (a first click; every
+        prompt of "segment everything"), at inference, without convolving whole frames.
+
+        The input is zero but for the click's disk, so the output is the branch's response to
+        an empty input (computed once per frame size) except within 2 pixels of the disk (two
+        3x3 convolutions). That part is computed on a window around each click: the disk drawn
+        there (zero outside the frame, as the frame's zero padding), the first convolution
+        without padding, its activations zeroed outside the frame (the second convolution's
+        padding), the second without padding. Same values as the whole frame's.
+        """
+        h, w = size
+        weight = self.conv1.weight
+        b = coords.shape[0]
+        reach = int(math.floor(self.radius + 0.5)) + 2  # output pixels a click can change
+        side = 2 * reach + 1
+        u = (coords[:, 0, 0].to(weight.dtype) + 0.5) / 4.0 - 0.5
+        v = (coords[:, 0, 1].to(weight.dtype) + 0.5) / 4.0 - 0.5
+        centre = torch.stack([v, u], dim=1).round().long()  # B x 2 (row, column)
+        origin = centre - (reach + 2)  # the input window: 2 more pixels per side
+        disks = self.click_maps(coords.to(weight.dtype), labels, (side + 4,) * 2, origin, size)
+        x = torch.cat([disks.new_zeros(b, 2, side + 4, side + 4), disks], dim=1)
+        a = self.act(F.conv2d(x, weight, self.conv1.bias))  # B x hidden x side+2 x side+2
+        r = torch.arange(side + 2, device=coords.device)
+        rows = ((origin[:, :1] + 1 + r) >= 0) & ((origin[:, :1] + 1 + r) < h)  # B x side+2
+        cols = ((origin[:, 1:] + 1 + r) >= 0) & ((origin[:, 1:] + 1 + r) < w)
+        a = a * (rows[:, None, :, None] & cols[:, None, None, :]).to(a.dtype)
+        near = F.conv2d(a, self.conv2.weight, self.conv2.bias)  # B x C x side x side
+        empty = self._empty_response(size, base)
+        out = empty.expand(b, -1, -1, -1).clone()
+        for i, (y0, x0) in enumerate((origin + 2).tolist()):  # top-left of ``near``
+            ys, xs = max(0, y0), max(0, x0)
+            ye, xe = min(h, y0 + side), min(w, x0 + side)
+            if ys < ye and xs < xe:
+                win = near[i, :, ys - y0 : ye - y0, xs - x0 : xe - x0]
+                if base is not None:
+                    win = base[i if len(base) > 1 else 0, :, ys:ye, xs:xe] + win
+                out[i, :, ys:ye, xs:xe] = win
+        return out
+
+    def _empty_response(
+        self, size: tuple[int, int], base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``1|B x out_chans x H x W``: the branch's output for an all-zero input (no mask, no
+        click), plus ``base`` when given; kept for the next call until a weight, the size, the
+        dtype or ``base`` changes (inference only)."""
+        params = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
+        key: tuple[Any, ...] = (
+            size,
+            *((t.data_ptr(), t._version, t.dtype) for t in params if t is not None),
+        )
+        key += (None,) if base is None else (base._version,)
+        cached = self.__dict__.get("_empty")  # (key, base itself: compared by identity, value)
+        if cached is None or cached[0] != key or cached[1] is not base:
+            x = self.conv1.weight.new_zeros(1, 4, *size)
+            value = self.conv2(self.act(self.conv1(x)))
+            value = value if base is None else base + value
+            self.__dict__["_empty"] = cached = (key, base, value)
+        return cached[2]
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -98,9 +98,9 @@ class Sam(nn.Module):
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
         extra: dict[str, Any] = {}
         if high_res_features is not None:
-            prompt_s0 = pe.high_res_embedding(points, masks, sparse.shape[0])
-            if prompt_s0 is not None:  # the prompt's share of the stride-4 features
-                high_res_features = [high_res_features[0] + prompt_s0, *high_res_features[1:]]
+            s0 = pe.high_res_embedding(points, masks, sparse.shape[0], high_res_features[0])
+            if s0 is not None:  # the stride-4 features with the prompt's share
+                high_res_features = [s0, *high_res_features[1:]]
             extra["high_res_features"] = high_res_features
         if iou_floor is not None and isinstance(self.mask_decoder, MaskDecoder):
             extra["iou_floor"] = iou_floor  # a stand-in decoder need not know it

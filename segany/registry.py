@@ -12,7 +12,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .modeling.config import LiteEncoderConfig, MaskDecoderConfig, SamConfig, ViTEncoderConfig
+from .modeling.config import (
+    LiteEncoderConfig,
+    MaskDecoderConfig,
+    PromptEncoderConfig,
+    SamConfig,
+    ViTEncoderConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ register_model(
 #: (measured).
 SEGANY_LITE_CONFIG = SamConfig(
     image_encoder=LiteEncoderConfig(backbone="lite0", img_size=640, out_chans=128, neck_blocks=4),
+    prompt_encoder=PromptEncoderConfig(high_res_prompt=True),
     mask_decoder=MaskDecoderConfig(
         transformer_mlp_dim=1024, iou_head_hidden_dim=128, use_high_res_features=True
     ),

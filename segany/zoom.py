@@ -30,6 +30,12 @@ published NoC figures are measured this way.
 ``first_click_refine`` adds one zoomed pass after a whole-image click: the chosen candidate's
 region is cropped and the same click is decoded again there with that candidate's logits as
 the mask input (one user click, two decodes and one crop encoding).
+
+The crop in use is state (step 2 keeps it across calls). :attr:`ZoomInPredictor.crop_rect`,
+:meth:`~ZoomInPredictor.encoded_crop`, :meth:`~ZoomInPredictor.use_crop` and
+:meth:`~ZoomInPredictor.encode_crop` let a stateless caller (the HTTP server) carry it
+between requests and reuse an encoded crop, so that a fresh predictor told the crop answers
+exactly as the one that made it would.
 """
 
 from __future__ import annotations
@@ -143,10 +149,9 @@ class ZoomInPredictor:
         if not 0.0 <= recompute_iou <= 1.0:
             raise ValueError(f"recompute_iou must be in [0, 1], got {recompute_iou}")
         backend = predictor.backend or "torch"
+        self._backend = backend
         self.full = predictor
         self.full_mirror = Predictor(predictor.model, backend=backend) if flip else None
-        self.crop = Predictor(predictor.model, backend=backend)
-        self.crop_mirror = Predictor(predictor.model, backend=backend) if flip else None
         self.skip_clicks = skip_clicks
         self.expansion = float(expansion)
         self.min_crop = float(min_crop)
@@ -185,9 +190,14 @@ class ZoomInPredictor:
         self._forget()
 
     def _forget(self) -> None:
-        for p in (self.full_mirror, self.crop, self.crop_mirror):
-            if p is not None:
-                p.reset_image()
+        if self.full_mirror is not None:
+            self.full_mirror.reset_image()
+        # Each crop gets new predictors (here and in encode_crop), so one handed out by
+        # encoded_crop() or taken in by use_crop() is never reset or re-encoded under its holder.
+        self.crop = Predictor(self.full.model, backend=self._backend)
+        self.crop_mirror: Predictor | None = (
+            Predictor(self.full.model, backend=self._backend) if self.flip else None
+        )
         self._image: np.ndarray | None = None
         self._crop_rect: tuple[int, int, int, int] | None = None
         self._last_low: np.ndarray | None = None  # C x m x m, as last returned
@@ -234,6 +244,76 @@ class ZoomInPredictor:
                 np.ascontiguousarray(image[:, ::-1]), self.full.model.image_format
             )
         self._image = image
+
+    # ------------------------------------------------------------------ the crop
+    @property
+    def crop_rect(self) -> tuple[int, int, int, int] | None:
+        """The encoded crop ``(x0, y0, x1, y1)`` (exclusive ends) the next zoomed call starts
+        from, or None (none yet since the image was set)."""
+        return self._crop_rect
+
+    def encoded_crop(self) -> tuple[tuple[int, int, int, int], Predictor, Predictor | None] | None:
+        """``(rect, crop predictor, mirrored crop predictor or None)`` of the current crop,
+        for :meth:`use_crop` on another ZoomInPredictor of the same image and model; None if
+        no crop is encoded. The predictors are not encoded again by this object."""
+        if self._crop_rect is None:
+            return None
+        return self._crop_rect, self.crop, self.crop_mirror
+
+    def _check_rect(self, rect: Any) -> tuple[int, int, int, int]:
+        if self._image is None:
+            raise RuntimeError("no image is set: call set_image(...) first")
+        try:
+            vals = [float(v) for v in rect]
+        except (TypeError, ValueError):
+            raise ValueError(f"a crop is 4 integers x0, y0, x1, y1, got {rect!r}") from None
+        if len(vals) != 4 or not all(np.isfinite(vals)) or any(v != int(v) for v in vals):
+            raise ValueError(f"a crop is 4 integers x0, y0, x1, y1, got {rect!r}")
+        x0, y0, x1, y1 = (int(v) for v in vals)
+        h, w = self._image.shape[:2]
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise ValueError(
+                f"crop {[x0, y0, x1, y1]} is not a non-empty rectangle inside the "
+                f"{w} x {h} image (x1, y1 exclusive)"
+            )
+        return x0, y0, x1, y1
+
+    def encode_crop(self, rect: Any) -> None:
+        """Encodes the crop ``rect`` = ``(x0, y0, x1, y1)`` (exclusive ends, inside the
+        image) and makes it the current crop, as a zoomed call that chose it would."""
+        x0, y0, x1, y1 = rect = self._check_rect(rect)
+        assert self._image is not None
+        part = self._image[y0:y1, x0:x1]
+        fmt = self.full.model.image_format
+        self.crop = Predictor(self.full.model, backend=self._backend)
+        self.crop.set_image(part, fmt)
+        if self.flip:
+            self.crop_mirror = Predictor(self.full.model, backend=self._backend)
+            self.crop_mirror.set_image(np.ascontiguousarray(part[:, ::-1]), fmt)
+        self._crop_rect = rect
+        self.crops_encoded += 1
+
+    def use_crop(self, rect: Any, crop: Predictor, crop_mirror: Predictor | None = None) -> None:
+        """Makes an already encoded crop of this image the current one (see
+        :meth:`encoded_crop`): ``crop`` must hold the embedding of ``image[y0:y1, x0:x1]``
+        made by this model (and ``crop_mirror`` that of its mirror when ``flip``); only the
+        sizes can be checked here."""
+        rect = self._check_rect(rect)
+        size = (rect[3] - rect[1], rect[2] - rect[0])
+        for name, p in (("crop", crop), ("crop_mirror", crop_mirror)):
+            if p is None:
+                if name == "crop" or self.flip:
+                    raise ValueError(f"{name} is required{' with flip' if self.flip else ''}")
+                continue
+            if not isinstance(p, Predictor) or p.model is not self.full.model:
+                raise ValueError(f"{name} must be a Predictor of this predictor's model")
+            if not p.is_image_set or tuple(p.original_size or ()) != size:
+                raise ValueError(
+                    f"{name} holds no embedding of a {size[1]} x {size[0]} crop "
+                    f"(it holds {p.original_size})"
+                )
+        self.crop, self.crop_mirror = crop, (crop_mirror if self.flip else None)
+        self._crop_rect = rect
 
     # ------------------------------------------------------------------ frames
     @property
@@ -377,13 +457,7 @@ class ZoomInPredictor:
         else:
             x0, y0, x1, y1 = rect
             if self._crop_rect != rect:
-                part = self._image[y0:y1, x0:x1]
-                fmt = self.full.model.image_format
-                self.crop.set_image(part, fmt)
-                if self.crop_mirror is not None:
-                    self.crop_mirror.set_image(np.ascontiguousarray(part[:, ::-1]), fmt)
-                self._crop_rect = rect
-                self.crops_encoded += 1
+                self.encode_crop(rect)
             views = [(self.crop, False), (self.crop_mirror, True)]
         cw, ch = x1 - x0, y1 - y0
         coords = labels = None

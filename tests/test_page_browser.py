@@ -200,7 +200,7 @@ def test_annotate_click_undo_export(browser, server, tmp_path):
 
 def test_zoom_in_toggle_feeds_back_the_chosen_logits(browser, server, tmp_path):
     """With zoom-in on, predictions ask the server to refine on a crop, and each click after
-    the first sends the low-res logits of the candidate shown."""
+    the first sends the low-res logits of the candidate shown and the crop of that answer."""
     photo = tmp_path / "photo.png"
     Image.fromarray(synthetic_image(H, W, seed=5)).save(photo)
     context = browser.new_context(viewport={"width": 1400, "height": 820})
@@ -231,6 +231,9 @@ def test_zoom_in_toggle_feeds_back_the_chosen_logits(browser, server, tmp_path):
     second = predict_body(lambda: page.mouse.click(*at(0.7, 0.3), button="right"))
     assert second["zoom_in"] is True and len(second["points"]) == 2
     assert isinstance(second["mask_input"], str) and len(second["mask_input"]) > 1000
+    # ... with the crop the first answer was refined on, so the server can reuse its encoding
+    crop = second["zoom_crop"]
+    assert len(crop) == 4 and 0 <= crop[0] < crop[2] <= W and 0 <= crop[1] < crop[3] <= H
     page.wait_for_selector("#candidates button:only-child", timeout=20000)
     # Z turns it off again: plain requests.
     page.locator("#ui-canvas").focus()

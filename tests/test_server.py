@@ -285,6 +285,101 @@ def test_predict_zoom_in_equals_library(client, image_id, model, image):
     assert_error(client.post(f"/v1/images/{image_id}/predict", json=bad), 422, "out of bounds")
 
 
+def test_predict_zoom_crop_goes_on_from_the_previous_crop(client, image_id, model, image):
+    """zoom_crop: the answer carries the crop the refinement holds; sent back with the next
+    click, the server goes on from it as a ZoomInPredictor told that crop would, reusing the
+    encoding while it holds it, and gives the same answer when it must encode it again."""
+    from segany.zoom import ZoomInPredictor
+
+    service = client.app.state.service
+    first = {"points": [[90, 60]], "labels": [1], "return_low_res_logits": True, "zoom_in": True}
+    out = client.post(f"/v1/images/{image_id}/predict", json=first).json()
+    lib = ZoomInPredictor(Predictor(model))
+    lib.set_image(image)
+    lib.predict(np.array([[90, 60]]), np.array([1]))
+    crop = out["zoom_crop"]
+    assert lib.crop_rect is not None and crop == list(lib.crop_rect)
+    assert service.zoom_crops_kept == 1
+    best = out["best"]
+    logits = np.frombuffer(base64.b64decode(out["low_res_logits"][best]), "<f4").reshape(1, 40, 40)
+    second = {
+        "points": [[90, 60], [95, 64]],
+        "labels": [1, 1],
+        "mask_input": out["low_res_logits"][best],
+        "multimask_output": False,
+        "zoom_in": True,
+        "zoom_crop": crop,
+    }
+    told = ZoomInPredictor(Predictor(model))
+    told.set_image(image)
+    told.encode_crop(crop)
+    ref, ref_scores, _ = told.predict(
+        np.array([[90, 60], [95, 64]]),
+        np.array([1, 1]),
+        mask_input=logits.copy(),
+        multimask_output=False,
+    )
+    encoded: list[tuple[int, ...]] = []
+    real = ZoomInPredictor.encode_crop
+
+    def counting(self, rect):
+        encoded.append(tuple(int(v) for v in rect))
+        return real(self, rect)
+
+    answers = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ZoomInPredictor, "encode_crop", counting)
+        for forget in (False, True):
+            if forget:
+                service._zoom_crops.clear()
+            r = client.post(f"/v1/images/{image_id}/predict", json=second)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+            np.testing.assert_array_equal(decoded(r.json()["masks"]), ref)
+            np.testing.assert_allclose(
+                [m["score"] for m in r.json()["masks"]], ref_scores, rtol=1e-5
+            )
+            assert r.json()["zoom_crop"] == list(told.crop_rect)
+            assert (tuple(crop) in encoded) == forget  # reused while held, else encoded again
+    assert answers[0]["masks"] == answers[1]["masks"]
+    # Wrong crops: 422 with the reason.
+    for bad, needle in (
+        ([0, 0, W + 1, 10], "inside"),
+        ([5, 5, 5, 9], "inside"),
+        ([0, 0, 10], "zoom_crop"),
+    ):
+        r = client.post(f"/v1/images/{image_id}/predict", json=dict(second, zoom_crop=bad))
+        assert_error(r, 422, needle)
+    plain = dict(second, zoom_in=False)
+    assert_error(client.post(f"/v1/images/{image_id}/predict", json=plain), 422, "zoom_in")
+
+
+def test_zoom_crops_kept_are_bounded(model, png):
+    with make_client(model, zoom_crops=1) as c:
+        key = upload(c, png).json()["id"]
+        crops = []
+        empty = base64.b64encode(np.full((40, 40), -20.0, "<f4").tobytes()).decode()
+        for x in (30, 150):  # a second click on an empty mask: a crop around the two clicks
+            body = {
+                "points": [[x, 60], [x + 2, 62]],
+                "labels": [1, 1],
+                "mask_input": empty,
+                "zoom_in": True,
+            }
+            r = c.post(f"/v1/images/{key}/predict", json=body)
+            assert r.status_code == 200, r.text
+            crops.append(r.json()["zoom_crop"])
+        assert crops[0] != crops[1] and c.app.state.service.zoom_crops_kept == 1
+    with make_client(model, zoom_crops=0) as c:
+        key = upload(c, png).json()["id"]
+        body = {"points": [[30, 60]], "labels": [1], "zoom_in": True}
+        r = c.post(f"/v1/images/{key}/predict", json=body)
+        assert r.status_code == 200 and len(r.json()["zoom_crop"]) == 4
+        assert c.app.state.service.zoom_crops_kept == 0
+    with pytest.raises(ValueError, match="zoom_crops"):
+        ServerSettings(zoom_crops=-1)
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [

@@ -217,3 +217,69 @@ def test_set_encoded_image_reuses_the_embedding(model, image):
         zoom.set_encoded_image(image[:60])
     with pytest.raises(RuntimeError, match="no embedding"):
         ZoomInPredictor(Predictor(model)).set_encoded_image(image)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_crop_handed_over_continues_the_refinement_exactly(model, image, flip):
+    """A fresh predictor told the crop (use_crop with the donor's encoding, or encode_crop
+    from the rectangle alone) answers a later click exactly as the donor that kept it; and
+    the donor's crop predictors are never reset or re-encoded by the one that took them."""
+    donor = ZoomInPredictor(Predictor(model), min_crop=0.6, recompute_iou=0.0, flip=flip)
+    donor.set_image(image)
+    pts, lab = np.array([[60.0, 40.0]]), np.array([1])
+    _, scores, low = donor.predict(pts, lab)
+    held = donor.encoded_crop()
+    assert held is not None and held[0] == donor.crop_rect
+    rect, crop, mirror = held
+    assert (mirror is not None) == flip
+    prev = low[int(np.argmax(scores))][None].copy()
+    pts2, lab2 = np.array([[60.0, 40.0], [70.0, 45.0]]), np.array([1, 1])
+
+    taker = ZoomInPredictor(Predictor(model), min_crop=0.6, recompute_iou=0.0, flip=flip)
+    taker.set_image(image)
+    taker.use_crop(rect, crop, mirror)
+    rebuilt = ZoomInPredictor(Predictor(model), min_crop=0.6, recompute_iou=0.0, flip=flip)
+    rebuilt.set_image(image)
+    rebuilt.encode_crop(list(rect))
+    assert rebuilt.crops_encoded == 1 and rebuilt.crop_rect == rect
+    # The donor's answer with the upsampled mask_input (what a stateless caller sends).
+    donor._last_low = donor._last_full = None
+    want = donor.predict(pts2, lab2, mask_input=prev, multimask_output=False, return_logits=True)
+    for other in (taker, rebuilt):
+        got = other.predict(pts2, lab2, mask_input=prev, multimask_output=False, return_logits=True)
+        for x, y in zip(want, got):
+            np.testing.assert_array_equal(x, y)
+    assert taker.crops_encoded == 0  # the handed-over crop was used as it is
+    # A crop the taker must move to gets new predictors; the donor's keep their embedding.
+    before = crop.features.clone()
+    taker.encode_crop((0, 0, W // 3, H // 3))
+    assert taker.crop is not crop and crop.is_image_set
+    torch.testing.assert_close(crop.features, before, rtol=0, atol=0)
+    taker.reset_image()
+    assert crop.is_image_set and crop.original_size == (rect[3] - rect[1], rect[2] - rect[0])
+
+
+def test_crop_handover_errors(model, image):
+    zoom = ZoomInPredictor(Predictor(model))
+    with pytest.raises(RuntimeError, match="set_image"):
+        zoom.encode_crop((0, 0, 10, 10))
+    zoom.set_image(image)
+    assert zoom.crop_rect is None and zoom.encoded_crop() is None
+    for rect in ((0, 0, W + 1, 10), (10, 10, 10, 20), (-1, 0, 5, 5), (0, 0, 5), (0, 0, 5.5, 5)):
+        with pytest.raises(ValueError, match="crop"):
+            zoom.encode_crop(rect)
+    part = Predictor(model)
+    with pytest.raises(ValueError, match="no embedding"):
+        zoom.use_crop((0, 0, 40, 30), part)
+    part.set_image(image[:30, :41])
+    with pytest.raises(ValueError, match="no embedding of a 40 x 30"):
+        zoom.use_crop((0, 0, 40, 30), part)
+    other = build_sam(TINY).eval()
+    with pytest.raises(ValueError, match="this predictor's model"):
+        zoom.use_crop((0, 0, 41, 30), Predictor(other))
+    zoom.use_crop((0, 0, 41, 30), part)
+    assert zoom.crop_rect == (0, 0, 41, 30)
+    flipped = ZoomInPredictor(Predictor(model), flip=True)
+    flipped.set_image(image)
+    with pytest.raises(ValueError, match="crop_mirror is required"):
+        flipped.use_crop((0, 0, 41, 30), part)

@@ -348,6 +348,7 @@ def create_app(
             body.multimask_output,
             body.return_low_res_logits,
             body.zoom_in,
+            body.zoom_crop,
         )
         return result
 

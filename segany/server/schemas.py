@@ -97,6 +97,15 @@ class PredictRequest(_Strict):
         "at the cost of encoding the crop (milliseconds with segany-lite, seconds for ViT "
         "models on a CPU)",
     )
+    zoom_crop: list[int] | None = Field(
+        default=None,
+        min_length=4,
+        max_length=4,
+        description="with zoom_in: the zoom_crop [x0, y0, x1, y1] of the previous answer for "
+        "this object (sent with its low_res_logits as mask_input). The refinement goes on from "
+        "that crop as one ZoomInPredictor would across clicks, and the server reuses its "
+        "encoding when it still holds it (the answer is the same either way)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PredictRequest:
@@ -107,6 +116,8 @@ class PredictRequest(_Strict):
             )
         if not self.points and self.box is None and self.mask_input is None:
             raise ValueError("give at least one point, a box or a mask_input")
+        if self.zoom_crop is not None and not self.zoom_in:
+            raise ValueError("zoom_crop is for zoom_in requests")
         return self
 
 
@@ -122,6 +133,11 @@ class PredictResponse(BaseModel):
     best: int = Field(description="index of the candidate with the highest predicted IoU")
     low_res_logits: list[str] | None = Field(
         default=None, description="per candidate: base64 little-endian float32 logits"
+    )
+    zoom_crop: list[int] | None = Field(
+        default=None,
+        description="zoom_in: the crop [x0, y0, x1, y1] (exclusive ends) the refinement holds "
+        "after this answer; send it back as zoom_crop with the next click",
     )
     decode_ms: float
 

@@ -14,8 +14,10 @@ import hashlib
 import io
 import logging
 import math
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +66,9 @@ class SegmentService:
             disk_max_bytes=settings.disk_cache_bytes,
             fingerprint=self.fingerprint,
         )
+        # (image id, crop) -> encoded crop predictors of zoom-in requests, most recent last
+        self._zoom_crops: OrderedDict[tuple[str, tuple[int, ...]], tuple[Any, Any]] = OrderedDict()
+        self._zoom_lock = threading.Lock()
 
     # ------------------------------------------------------------------ images
     def check_header(self, data: bytes) -> tuple[int, int]:
@@ -140,6 +145,7 @@ class SegmentService:
         multimask_output: bool,
         return_low_res_logits: bool,
         zoom_in: bool = False,
+        zoom_crop: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         from ..masks import encode_rle_batch
 
@@ -155,6 +161,8 @@ class SegmentService:
 
             zoom = ZoomInPredictor(predictor)
             zoom.set_encoded_image(load_image(entry.data, max_pixels=self.settings.max_pixels))
+            if zoom_crop is not None:
+                self._start_zoom(zoom, entry.id, zoom_crop)
             predictor = zoom
         masks, scores, low_res = predictor.predict(
             point_coords=np.asarray(points, dtype=np.float64) if points else None,
@@ -163,6 +171,11 @@ class SegmentService:
             mask_input=None if mask_input is None else self.decode_mask_input(mask_input),
             multimask_output=multimask_output,
         )
+        held = None
+        if zoom_in:
+            held = predictor.encoded_crop()
+            if held is not None:
+                self._keep_zoom_crop(entry.id, held)
         rles = encode_rle_batch(masks)
         out: list[dict[str, Any]] = []
         for rle, mask, score in zip(rles, masks, scores):
@@ -183,8 +196,38 @@ class SegmentService:
                 base64.b64encode(np.ascontiguousarray(m, dtype="<f4").tobytes()).decode("ascii")
                 for m in low_res
             ]
+        if zoom_in:
+            result["zoom_crop"] = None if held is None else [int(v) for v in held[0]]
         result["decode_ms"] = (time.perf_counter() - start) * 1000
         return result
+
+    def _start_zoom(self, zoom: Any, key: str, rect: Sequence[int]) -> None:
+        """Puts a request's zoom_crop in ``zoom``: the kept encoding, else a new one (the
+        answer does not depend on which)."""
+        crop = tuple(int(v) for v in rect)
+        with self._zoom_lock:
+            kept = self._zoom_crops.get((key, crop))
+            if kept is not None:
+                self._zoom_crops.move_to_end((key, crop))
+        if kept is not None:
+            zoom.use_crop(crop, *kept)
+        else:
+            zoom.encode_crop(rect)  # checks the rectangle (ValueError: 422)
+
+    def _keep_zoom_crop(self, key: str, held: tuple[Any, Any, Any]) -> None:
+        if self.settings.zoom_crops == 0:
+            return
+        rect, crop, mirror = held
+        with self._zoom_lock:
+            self._zoom_crops[(key, tuple(rect))] = (crop, mirror)
+            self._zoom_crops.move_to_end((key, tuple(rect)))
+            while len(self._zoom_crops) > self.settings.zoom_crops:
+                self._zoom_crops.popitem(last=False)
+
+    @property
+    def zoom_crops_kept(self) -> int:
+        """Zoom-in crop encodings held for reuse."""
+        return len(self._zoom_crops)
 
     # ------------------------------------------------------------------ everything
     def everything(self, entry: CachedImage, params: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class ServerSettings:
     max_points_per_side: int = 64  #: "segment everything" grid limit
     max_crop_layers: int = 2  #: "segment everything" crop layers limit
     everything_memory_bytes: int = 512 * MiB  #: "segment everything" batch memory budget
+    zoom_crops: int = 8  #: zoom-in crop encodings kept for reuse (LRU; 0 = none)
     allowed_content_types: tuple[str, ...] = field(default=ALLOWED_CONTENT_TYPES)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,10 @@ class ServerSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int):
             raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if isinstance(self.zoom_crops, bool) or not isinstance(self.zoom_crops, int):
+            raise ValueError(f"zoom_crops must be an integer >= 0, got {self.zoom_crops!r}")
+        if self.zoom_crops < 0:
+            raise ValueError(f"zoom_crops must be >= 0, got {self.zoom_crops}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if not self.timeout_s > 0:

@@ -357,6 +357,8 @@
       const prev = obj.logits;
       if (prev && prev.points === obj.points.length - 1 && prev.box === !!obj.box) {
         body.mask_input = prev.all[Math.min(obj.selected, prev.all.length - 1)];
+        // ... and the crop it was refined on, whose encoding the server may still hold.
+        if (prev.crop) body.zoom_crop = prev.crop;
       }
     }
     busy(1);
@@ -374,7 +376,7 @@
       obj.masks = out.masks;
       obj.selected = out.best;
       obj.logits = out.low_res_logits
-        ? { points: obj.points.length, box: !!obj.box, all: out.low_res_logits }
+        ? { points: obj.points.length, box: !!obj.box, all: out.low_res_logits, crop: out.zoom_crop }
         : null;
       renderAll();
       S.lastRoundTripMs = performance.now() - started;

@@ -50,7 +50,8 @@ def _scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
 #: Measured (1 click / box IoU, seeds 0-2): stage 8 0.84/0.89, 0.84/0.83, 0.80/0.79 (its box
 #: mask sat inside the ellipse, missing a rim of a few pixels); stage 9 0.86/0.90,
 #: 0.88/0.87, 0.85/0.85; stage 11 0.88/0.89, 0.85/0.87, 0.83/0.85; stage 12
-#: 0.89/0.90, 0.88/0.89, 0.87/0.87; stage 13 (shipped, 640 px) 0.89/0.91, 0.92/0.91, 0.90/0.90
+#: 0.89/0.90, 0.88/0.89, 0.87/0.87; stage 13 (640 px) 0.89/0.91, 0.92/0.91, 0.90/0.90;
+#: stage 14 (shipped, high-res prompt branch) 0.84/0.90, 0.89/0.90, 0.89/0.89
 #: (benchmarks/record_bundled_check.py prints them). A broken model scores near 0.
 OBVIOUS_IOU = 0.8
 

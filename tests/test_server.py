@@ -352,6 +352,10 @@ def test_predict_zoom_crop_goes_on_from_the_previous_crop(client, image_id, mode
         assert_error(r, 422, needle)
     plain = dict(second, zoom_in=False)
     assert_error(client.post(f"/v1/images/{image_id}/predict", json=plain), 422, "zoom_in")
+    # Deleting the image forgets its crops too.
+    assert service.zoom_crops_kept >= 1
+    assert client.delete(f"/v1/images/{image_id}").status_code == 204
+    assert service.zoom_crops_kept == 0
 
 
 def test_zoom_crops_kept_are_bounded(model, png):

@@ -324,6 +324,7 @@ def create_app(
     @v1.delete("/images/{image_id}", status_code=204, tags=["images"], responses=_errors(404))
     async def delete_image(image_id: ImageIdPath) -> Response:
         """Forgets an image (memory and disk cache)."""
+        service.forget_zoom_crops(image_id)
         if not service.cache.discard(image_id):
             raise HTTPException(404, f"image {image_id} is not in the cache")
         return Response(status_code=204)

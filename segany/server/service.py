@@ -224,6 +224,14 @@ class SegmentService:
             while len(self._zoom_crops) > self.settings.zoom_crops:
                 self._zoom_crops.popitem(last=False)
 
+    def forget_zoom_crops(self, key: str) -> int:
+        """Drops the crop encodings of one image (when it is deleted); how many."""
+        with self._zoom_lock:
+            keys = [k for k in self._zoom_crops if k[0] == key]
+            for k in keys:
+                del self._zoom_crops[k]
+        return len(keys)
+
     @property
     def zoom_crops_kept(self) -> int:
         """Zoom-in crop encodings held for reuse."""

@@ -41,7 +41,7 @@ class ServerSettings:
     max_points_per_side: int = 64  #: "segment everything" grid limit
     max_crop_layers: int = 2  #: "segment everything" crop layers limit
     everything_memory_bytes: int = 512 * MiB  #: "segment everything" batch memory budget
-    zoom_crops: int = 8  #: zoom-in crop encodings kept for reuse (LRU; 0 = none)
+    zoom_crops: int = 8  #: zoom-in crop encodings kept for reuse (LRU; 0 = none; a few MB each)
     allowed_content_types: tuple[str, ...] = field(default=ALLOWED_CONTENT_TYPES)
 
     def __post_init__(self) -> None:

@@ -67,7 +67,9 @@ class SegmentService:
             fingerprint=self.fingerprint,
         )
         # (image id, crop) -> encoded crop predictors of zoom-in requests, most recent last
-        self._zoom_crops: OrderedDict[tuple[str, tuple[int, ...]], tuple[Any, Any]] = OrderedDict()
+        self._zoom_crops: OrderedDict[
+            tuple[str, tuple[int, ...]], tuple[Predictor, Predictor | None]
+        ] = OrderedDict()
         self._zoom_lock = threading.Lock()
 
     # ------------------------------------------------------------------ images
@@ -214,7 +216,9 @@ class SegmentService:
         else:
             zoom.encode_crop(rect)  # checks the rectangle (ValueError: 422)
 
-    def _keep_zoom_crop(self, key: str, held: tuple[Any, Any, Any]) -> None:
+    def _keep_zoom_crop(
+        self, key: str, held: tuple[tuple[int, ...], Predictor, Predictor | None]
+    ) -> None:
         if self.settings.zoom_crops == 0:
             return
         rect, crop, mirror = held

@@ -59,14 +59,12 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int):
-            raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
-        if isinstance(self.zoom_crops, bool) or not isinstance(self.zoom_crops, int):
-            raise ValueError(f"zoom_crops must be an integer >= 0, got {self.zoom_crops!r}")
-        if self.zoom_crops < 0:
-            raise ValueError(f"zoom_crops must be >= 0, got {self.zoom_crops}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        for name in ("max_queue", "zoom_crops"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
         if not 0 <= self.max_crop_layers <= 4:

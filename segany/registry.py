@@ -136,8 +136,9 @@ register_model(
         # from benchmarks/tune_amg_thresholds.py --f1-tolerance 0.01 (F1 at mask IoU 0.5 on
         # the 14 held-out COCO_panoptic200 images; docs/amg_thresholds_segany_lite.json): its
         # pick, pred_iou_thresh 0.3 (the most masks within 0.01 of the best F1), upscales many
-        # more candidates ('everything' 4.4-4.7 s on 640-px photos), so 0.4 (F1 0.170 against
-        # 0.173, 3.2-3.4 s, the same masks there); SAM's defaults keep no mask with these weights
+        # more candidates ('everything' 4.4-5.2 s on 640-px photos), so 0.4 (F1 0.170 against
+        # 0.173, 3.2-4.7 s, the same masks there; benchmarks/lite_costs.py thresholds); SAM's
+        # defaults keep no mask with these weights
         generator_defaults=MappingProxyType(
             {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.7, "stability_score_offset": 1.0}
         ),

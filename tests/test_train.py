@@ -465,6 +465,37 @@ def test_set_weights_steer_which_images_are_drawn(cache_dir, tmp_path):
         _config(cache_dir, tmp_path / "neg", set_weights={"synthetic": -1.0})
 
 
+def test_merged_objects_are_unions_of_masks_of_one_image(cache_dir, tmp_path):
+    """merge_objects_prob 1: every target is the union of two different masks of its own
+    image (disc + square here, flipped with the features when the image is); 0: single masks."""
+    cfg = _config(cache_dir, tmp_path / "run", val_fraction=0.0, merge_objects_prob=1.0)
+    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    cache = tr.cache
+    for _ in range(4):
+        imgs, ids, flips = tr._sample_batch(tr.train_idx)
+        _, gts, _ = tr._load(imgs, ids, flips)
+        k = 0
+        for i, per_image, flip in zip(imgs, ids, flips):
+            first = cache.images[i]["first_mask"]
+            for m in per_image:
+                assert isinstance(m, tuple) and len(set(m)) == 2
+                assert all(first <= j < first + cache.images[i]["n_masks"] for j in m)
+                union = cache.mask(m[0]) | cache.mask(m[1])
+                if flip:
+                    vw = round(cache.images[i]["input_hw"][1] / 2)
+                    union[:, :vw] = union[:, :vw][:, ::-1]
+                np.testing.assert_array_equal(gts[k], union)
+                assert gts[k].sum() > max(cache.mask(m[0]).sum(), cache.mask(m[1]).sum())
+                k += 1
+    plain = _config(cache_dir, tmp_path / "plain", val_fraction=0.0)
+    tr = Trainer(build_training_model(plain), plain, FeatureCache(cache_dir))
+    assert all(isinstance(m, int) for ids in tr._sample_batch(tr.train_idx)[1] for m in ids)
+    with pytest.raises(ValueError, match="merge_objects_prob"):
+        _config(cache_dir, tmp_path / "bad", merge_objects_prob=1.5)
+    with pytest.raises(ValueError, match="merge_objects_prob"):
+        _config(cache_dir, tmp_path / "bad", merge_objects_prob=0.5, mode="images")
+
+
 def test_init_missing_adds_a_module_to_trained_weights(cache_dir, tmp_path):
     """A config whose model has the high-res prompt branch starts from weights made without
     it: every other weight is the file's, the branch starts at its zero-initialised output and

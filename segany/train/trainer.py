@@ -42,6 +42,9 @@ from .prompts import corrective_click, initial_click, noisy_box, noisy_mask_logi
 
 logger = logging.getLogger(__name__)
 
+#: A cached mask's index, or several (their union: merged objects)
+MaskId = int | tuple[int, ...]
+
 #: State-dict prefix of a segany-lite model's backbone
 BACKBONE = "image_encoder.backbone."
 
@@ -121,6 +124,10 @@ class TrainConfig:
     #: ``train_backbone_after``: the tail runs from the cache (weights trained by an earlier
     #: stage) but stays frozen, e.g. to train the IoU head alone after such a stage
     backbone_lr_scale: float = 1.0
+    #: cached mode: chance that a sampled mask becomes the union of itself and another mask of
+    #: the same image (RITM's "merged objects"): one target of several objects, as annotators
+    #: select them and as DAVIS's whole-frame masks are; 0 keeps every target one mask
+    merge_objects_prob: float = 0.0
     # ---- mode "images" only
     lora: dict[str, Any] | None = None  #: LoRA adapters: {rank, alpha, dropout, targets}
     scale_range: tuple[float, float] = (0.5, 1.5)  #: scale jitter of the longest-side resize
@@ -148,6 +155,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.merge_objects_prob <= 1:
+            raise ValueError(f"merge_objects_prob must be in [0, 1], got {self.merge_objects_prob}")
+        if self.merge_objects_prob and self.mode != "cached":
+            raise ValueError("'merge_objects_prob' is a setting of mode 'cached'")
         if self.init_missing and not self.init_from:
             raise ValueError("'init_missing' names keys missing from 'init_from', which is not set")
         lo, hi = self.scale_range
@@ -592,21 +603,33 @@ class Trainer(TrainerBase):
         pick = self.rng.choice(pool, self.cfg.images_per_step, replace=False, p=p)
         imgs = [int(i) for i in pick]
         flips = [bool(self.rng.random() < self.cfg.hflip_prob) for _ in imgs]
-        mask_ids = []
+        mask_ids: list[list[MaskId]] = []
         for i in imgs:
             cand = self.usable[i]
             replace = len(cand) < self.cfg.masks_per_image
             pick = self.rng.choice(len(cand), self.cfg.masks_per_image, replace=replace)
-            mask_ids.append([cand[int(k)] for k in pick])
+            ids: list[MaskId] = [cand[int(k)] for k in pick]
+            if self.cfg.merge_objects_prob > 0 and len(cand) > 1:
+                for j, k in enumerate(pick):
+                    if self.rng.random() < self.cfg.merge_objects_prob:
+                        other = (int(k) + 1 + int(self.rng.integers(len(cand) - 1))) % len(cand)
+                        ids[j] = (cand[int(k)], cand[other])
+            mask_ids.append(ids)
         return imgs, mask_ids, flips
 
-    def _load(self, imgs: list[int], mask_ids: list[list[int]], flips: list[bool]):
+    def _mask(self, m: MaskId) -> np.ndarray:
+        """A cached mask, or the union of several (merged objects)."""
+        if isinstance(m, int):
+            return self.cache.mask(m)
+        return np.logical_or.reduce([self.cache.mask(k) for k in m])
+
+    def _load(self, imgs: list[int], mask_ids: list[list[MaskId]], flips: list[bool]):
         feats = self.cache.features(imgs)
         gts = []
         for b, (i, ids) in enumerate(zip(imgs, mask_ids)):
             h, w = self.cache.images[i]["input_hw"]
             for m in ids:
-                g = self.cache.mask(m)
+                g = self._mask(m)
                 if flips[b]:
                     vw = max(1, round(w / 2))
                     g[:, :vw] = g[:, :vw][:, ::-1]

@@ -181,3 +181,37 @@ def test_one_click_windows_equal_the_whole_frame():
     far = windows[0, :, 20:, :4]
     torch.testing.assert_close(far, branch._empty_response(size)[0, :, 20:, :4])
     assert (windows[0] - branch._empty_response(size)[0]).abs().amax() > 0.1
+
+
+@pytest.mark.parametrize("group_bytes", [1 << 30, 1])
+def test_iou_floor_makes_the_branch_for_kept_prompts_only(group_bytes, monkeypatch):
+    """With ``iou_floor`` ("segment everything") the branch's B frames are made only for the
+    prompts whose masks get upscaled, in one group or prompt by prompt, with the same masks
+    and IoUs as the branch made for every prompt (which the decoder then slices)."""
+    _, model = _pair(5)
+    _train_branch(model)
+    model.mask_decoder.group_bytes = group_bytes
+    p = Predictor(model)
+    p.set_image(synthetic_image(96, 128, seed=2))
+    g = torch.Generator().manual_seed(4)
+    pts = torch.rand(9, 1, 2, generator=g) * torch.tensor([128.0, 96.0])
+    labels = torch.ones(9, 1, dtype=torch.int)
+    branch = model.prompt_encoder.high_res_prompt
+    seen: list[int] = []
+    forward = type(branch).forward
+
+    def counting(self, coords, *args, **kw):
+        seen.append(0 if coords is None else coords.shape[0])
+        return forward(self, coords, *args, **kw)
+
+    with torch.no_grad():
+        low_all, iou_all = p.decode_low_res((pts, labels), None, None, True)
+        floor = float(iou_all.max(1).values.median())
+        monkeypatch.setattr(type(branch), "forward", counting)
+        low, iou = p.decode_low_res((pts, labels), None, None, True, iou_floor=floor)
+    kept = (iou_all > floor).any(1)
+    assert 0 < int(kept.sum()) < 9
+    assert sum(seen) == int(kept.sum())  # not 9
+    torch.testing.assert_close(iou, iou_all, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(low[kept], low_all[kept], atol=1e-4, rtol=1e-4)
+    assert not low[~kept].any()

@@ -14,6 +14,10 @@ from .transformer import ImageProjections, TwoWayAttentionBlock, TwoWayTransform
 
 _T = TypeVar("_T")
 
+#: Makes the high-res features of some prompts: ``rows`` (indices into the batch of B
+#: prompts, or None for all B) -> ``[len(rows)|1 x C/8 x 4h x 4w, len(rows)|1 x C/4 x 2h x 2w]``
+HighResRows = Callable[[torch.Tensor | None], list[torch.Tensor]]
+
 
 class MaskDecoder(nn.Module):
     """Predicts ``1 + num_multimask_outputs`` masks and their IoU from image + prompt embeddings.
@@ -79,6 +83,7 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
         iou_floor: float | None = None,
+        high_res_rows: HighResRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``.
 
@@ -87,8 +92,15 @@ class MaskDecoder(nn.Module):
         ``[1|B x C/8 x 4h x 4w, 1|B x C/4 x 2h x 2w]``. ``iou_floor`` (for callers that drop
         every mask whose predicted IoU is not above it, as the automatic generator does): the
         fast path may skip the upscaling of such masks and leave zeros in their place.
+        ``high_res_rows`` (with ``iou_floor``): makes the high-res features of the given
+        prompts (indices into the B), for prompts whose features differ (a prompt branch) and
+        are worth making only for the masks that get upscaled; used instead of
+        ``high_res_features`` where given.
         """
         sl = slice(1, None) if multimask_output else slice(0, 1)
+        if high_res_rows is not None and (not self.fused or iou_floor is None):
+            high_res_features = high_res_rows(None)
+            high_res_rows = None
         if self.fused:
             return self._predict_grouped(
                 image_embeddings,
@@ -98,6 +110,7 @@ class MaskDecoder(nn.Module):
                 high_res_features,
                 sl,
                 iou_floor,
+                high_res_rows,
             )
         masks, iou_pred = self.predict_masks(
             image_embeddings,
@@ -117,6 +130,7 @@ class MaskDecoder(nn.Module):
         high_res_features: list[torch.Tensor] | None,
         sl: slice,
         iou_floor: float | None,
+        high_res_rows: HighResRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_predict_fast` on groups of at most ``group_bytes`` of activations (see
         there), at inference only: under autograd one graph is kept whole."""
@@ -125,7 +139,14 @@ class MaskDecoder(nn.Module):
         group = max(1, int(self.group_bytes) // (h * w * c * 4))
         if b <= group or torch.is_grad_enabled() or tracing():
             return self._predict_fast(
-                image_embeddings, image_pe, sparse, dense, high_res_features, sl, iou_floor
+                image_embeddings,
+                image_pe,
+                sparse,
+                dense,
+                high_res_features,
+                sl,
+                iou_floor,
+                high_res_rows,
             )
 
         def part(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -140,6 +161,9 @@ class MaskDecoder(nn.Module):
                 None if high_res_features is None else [part(f, i) for f in high_res_features],
                 sl,
                 iou_floor,
+                None
+                if high_res_rows is None
+                else _shifted_rows(high_res_rows, i, min(group, b - i)),
             )
             for i in range(0, b, group)
         ]
@@ -202,10 +226,14 @@ class MaskDecoder(nn.Module):
         high_res_features: list[torch.Tensor] | None,
         sl: slice,
         iou_floor: float | None = None,
+        high_res_rows: HighResRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_masks` for the mask tokens in ``sl`` only, with the upscaling
         (two 2x2 stride-2 transposed convolutions) as matrix products over sub-pixels."""
         layers = self._subpixel_layers()
+        if high_res_rows is not None and (layers is None or iou_floor is None):
+            high_res_features = high_res_rows(None)
+            high_res_rows = None
         if layers is None:
             masks, iou_pred = self.predict_masks(
                 image_embeddings,
@@ -237,11 +265,17 @@ class MaskDecoder(nn.Module):
                 n_out = iou_pred.shape[1]
                 out = hs.new_zeros(b, n_out, 4 * h, 4 * w)
                 if len(rows):
-                    high = high_res_features and [
-                        f[rows] if len(f) == b else f for f in high_res_features
-                    ]
+                    high: list[torch.Tensor] | None
+                    if high_res_rows is not None:
+                        high = high_res_rows(rows)
+                    else:
+                        high = high_res_features and [
+                            f[rows] if len(f) == b else f for f in high_res_features
+                        ]
                     out[rows] = self._upscale(layers, hs[rows], keys[rows], high, sl, h, w)
                 return out, iou_pred
+        if high_res_rows is not None:
+            high_res_features = high_res_rows(None)
         return self._upscale(layers, hs, keys, high_res_features, sl, h, w), iou_pred
 
     def _upscale(
@@ -432,3 +466,12 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(
         x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b)
     )
+
+
+def _shifted_rows(fn: HighResRows, start: int, n: int) -> HighResRows:
+    """``fn`` for the group of ``n`` prompts from ``start``: rows counted within the group."""
+
+    def rows_of_group(rows: torch.Tensor | None) -> list[torch.Tensor]:
+        return fn(torch.arange(start, start + n) if rows is None else rows + start)
+
+    return rows_of_group

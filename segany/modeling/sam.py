@@ -97,13 +97,22 @@ class Sam(nn.Module):
         pe = self.prompt_encoder
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
         extra: dict[str, Any] = {}
-        if high_res_features is not None:
-            s0 = pe.high_res_embedding(points, masks, sparse.shape[0], high_res_features[0])
-            if s0 is not None:  # the stride-4 features with the prompt's share
-                high_res_features = [s0, *high_res_features[1:]]
-            extra["high_res_features"] = high_res_features
-        if iou_floor is not None and isinstance(self.mask_decoder, MaskDecoder):
+        floor = iou_floor is not None and isinstance(self.mask_decoder, MaskDecoder)
+        if floor:
             extra["iou_floor"] = iou_floor  # a stand-in decoder need not know it
+        if high_res_features is not None:
+            b = sparse.shape[0]
+            if floor and pe.high_res_prompt is not None and not torch.is_grad_enabled():
+                # The prompt's share of the stride-4 features (B frames) is made for the
+                # prompts whose masks get upscaled only ("segment everything" keeps few).
+                extra["high_res_rows"] = functools.partial(
+                    _high_res_rows, pe, high_res_features, points, masks, b
+                )
+            else:
+                s0 = pe.high_res_embedding(points, masks, b, high_res_features[0])
+                if s0 is not None:  # the stride-4 features with the prompt's share
+                    high_res_features = [s0, *high_res_features[1:]]
+            extra["high_res_features"] = high_res_features
         return self.mask_decoder(
             image_embeddings=image_embeddings,
             image_pe=pe.get_dense_pe(),
@@ -204,6 +213,26 @@ class Sam(nn.Module):
         x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+
+def _high_res_rows(
+    pe: PromptEncoder,
+    features: list[torch.Tensor],
+    points: tuple[torch.Tensor, torch.Tensor] | None,
+    masks: torch.Tensor | None,
+    b: int,
+    rows: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """The high-res features of prompts ``rows`` of B (None: all) with their prompt branch's
+    share, as :meth:`Sam.decode` passes them to the decoder (see ``MaskDecoder.forward``)."""
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None or t.shape[0] != b else t[rows]
+
+    n = b if rows is None else len(rows)
+    pts = None if points is None else (take(points[0]), take(points[1]))
+    s0 = pe.high_res_embedding(pts, None if masks is None else take(masks), n, take(features[0]))
+    return [take(f) for f in features] if s0 is None else [s0, *map(take, features[1:])]
 
 
 #: ``postprocess_masks`` uses the banded-product form while it costs at most this many

@@ -592,7 +592,7 @@ class Trainer(TrainerBase):
                 usable[i] = good
         return usable
 
-    def _sample_batch(self, pool: np.ndarray) -> tuple[list[int], list[list[int]], list[bool]]:
+    def _sample_batch(self, pool: np.ndarray) -> tuple[list[int], list[list[MaskId]], list[bool]]:
         pool = np.array([i for i in pool if int(i) in self.usable])
         weights, p = self.cfg.set_weights, None
         if weights is not None:

@@ -8,10 +8,13 @@
   photo at 640 and at 1024 px and on a random 480 x 640 image.
 * ``zoom``: a second zoomed click through the HTTP API (in-process client) with and without
   the previous answer's ``zoom_crop`` (without it the server encodes the crop again).
+* ``everything``: "segment everything" at 640 px on the first ``--photos`` photos (the
+  model's settings) with the branch's frames made for every prompt of a batch and for the
+  prompts whose masks get upscaled only (``Sam.fast_high_res_prompt``); checks the masks match.
 
 Prints medians; alternates the compared settings.
 
-    .venv/bin/python benchmarks/lite_costs.py thresholds branch zoom
+    .venv/bin/python benchmarks/lite_costs.py thresholds branch zoom everything
 """
 
 from __future__ import annotations
@@ -54,6 +57,30 @@ def thresholds(model: torch.nn.Module, pairs: list[tuple[float, float]], photos:
             print(
                 f"{path.name}  iou {iou} / stability {stability}: {ms / 1000:.2f} s, {kept} masks"
             )
+
+
+def everything(model: torch.nn.Module, photos: int, n: int) -> None:
+    gen = AutomaticMaskGenerator(model)
+    for path in sorted((DAVIS / "images").glob("*.jpg"))[:photos]:
+        image = _photo(path, 640)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        masks: dict[bool, list[np.ndarray]] = {}
+        for _ in range(n):
+            for lazy in (False, True):
+                model.fast_high_res_prompt = lazy
+                t = time.perf_counter()
+                masks[lazy] = [r["segmentation"] for r in gen.generate(image)]
+                times[lazy].append(time.perf_counter() - t)
+        model.fast_high_res_prompt = True
+        same = len(masks[False]) == len(masks[True]) and all(
+            np.array_equal(a, b) for a, b in zip(masks[False], masks[True])
+        )
+        print(
+            f"{path.name}  everything: branch for every prompt "
+            f"{statistics.median(times[False]):.2f} s, for kept masks only "
+            f"{statistics.median(times[True]):.2f} s, {len(masks[True])} masks, "
+            + ("same masks" if same else "MASKS DIFFER")
+        )
 
 
 def branch(model: torch.nn.Module, n: int) -> None:
@@ -150,14 +177,16 @@ def zoom(model: torch.nn.Module, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="+", choices=["thresholds", "branch", "zoom"])
-    ap.add_argument("--photos", type=int, default=3, help="thresholds: first N DAVIS photos")
+    ap.add_argument("what", nargs="+", choices=["thresholds", "branch", "zoom", "everything"])
+    ap.add_argument("--photos", type=int, default=3, help="thresholds, everything: first N photos")
     ap.add_argument(
         "--thresholds",
         default="0.3/0.7,0.4/0.7,0.5/0.7,0.5/0.6",
         help="comma list of pred_iou_thresh/stability_score_thresh",
     )
-    ap.add_argument("--repeats", type=int, default=3, help="thresholds: runs per setting")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="thresholds, everything: runs per setting"
+    )
     ap.add_argument("--calls", type=int, default=30, help="branch / zoom: calls per median")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -169,6 +198,8 @@ def main() -> None:
         branch(model, args.calls)
     if "zoom" in args.what:
         zoom(model, max(5, args.calls // 3))
+    if "everything" in args.what:
+        everything(model, args.photos, args.repeats)
 
 
 if __name__ == "__main__":

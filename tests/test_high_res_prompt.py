@@ -215,3 +215,10 @@ def test_iou_floor_makes_the_branch_for_kept_prompts_only(group_bytes, monkeypat
     torch.testing.assert_close(iou, iou_all, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(low[kept], low_all[kept], atol=1e-4, rtol=1e-4)
     assert not low[~kept].any()
+    seen.clear()
+    model.fast_high_res_prompt = False  # switched off (set_fast_paths): every prompt's frames
+    with torch.no_grad():
+        low_off, iou_off = p.decode_low_res((pts, labels), None, None, True, iou_floor=floor)
+    assert sum(seen) == 9
+    torch.testing.assert_close(low_off, low, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou_off, iou, atol=1e-5, rtol=1e-5)

@@ -24,6 +24,9 @@ class Sam(nn.Module):
     config: Any = None  #: the SamConfig it was built from (set by ``build_sam``)
     #: Upscale only the part of the low-res masks that survives the crop (same values).
     fast_postprocess: bool = True
+    #: With ``iou_floor`` ("segment everything"): make the high-res prompt branch's frames
+    #: only for the prompts whose masks get upscaled (same values).
+    fast_high_res_prompt: bool = True
     image_encoder: Any  # ViT or lite encoder: both expose ``img_size``
 
     def __init__(
@@ -102,7 +105,8 @@ class Sam(nn.Module):
             extra["iou_floor"] = iou_floor  # a stand-in decoder need not know it
         if high_res_features is not None:
             b = sparse.shape[0]
-            if floor and pe.high_res_prompt is not None and not torch.is_grad_enabled():
+            lazy = floor and self.fast_high_res_prompt and pe.high_res_prompt is not None
+            if lazy and not torch.is_grad_enabled():
                 # The prompt's share of the stride-4 features (B frames) is made for the
                 # prompts whose masks get upscaled only ("segment everything" keeps few).
                 extra["high_res_rows"] = functools.partial(

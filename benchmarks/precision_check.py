@@ -5,7 +5,9 @@ bundled model's evaluation (val/DAVIS, the standard click protocol). This runs t
 twice on the same instances, fp32 and the reduced precision (``segany.optimize``), and
 compares the first-click masks of the two directly (same click: the first click depends only
 on the ground truth): the candidates each ranks first, and the same-index candidates (the
-masks themselves, whatever the ranking). ``--first-click-only`` skips the two protocol runs.
+masks themselves, whatever the ranking). ``--first-click-only`` skips the two protocol runs;
+``--noise-floor`` adds a third, fp32 on the photos changed by +-1 grey level (invisible),
+which shows how far NoC moves for any small change.
 Also prints the encoding time of both.
 
     .venv/bin/python benchmarks/precision_check.py --precision bf16 --out artifacts/bf16.json
@@ -55,6 +57,17 @@ def first_click_ious(
     return best, same, switched / max(1, n)
 
 
+class NoisyInput(Predictor):
+    """fp32 on the photo plus integer noise in {-1, 0, 1} per pixel and channel (fixed per
+    photo): an invisible change, to size what any small perturbation does to the protocol."""
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        rng = np.random.default_rng(int(image.sum()) % 2**32)
+        noise = rng.integers(-1, 2, image.shape)
+        noisy = np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        super().set_image(noisy, image_format)
+
+
 def encode_seconds(p: Predictor, image: np.ndarray, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -73,6 +86,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--first-click-only", action="store_true", help="skip the protocol runs")
+    ap.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also run fp32 on the photos +-1 grey level: how far NoC moves for any tiny change",
+    )
     args = ap.parse_args()
     if not precision_supported(args.precision, torch.device("cpu")):
         raise SystemExit(f"{args.precision} is not supported natively on this CPU")
@@ -89,6 +107,9 @@ def main() -> None:
             name: evaluate_interactive(Predictor(m), ds, limit=args.limit, box=False)
             for name, m in (("fp32", fp32), (args.precision, low))
         }
+        if args.noise_floor:
+            noisy = NoisyInput(fp32)
+            reports["fp32 +-1 noise"] = evaluate_interactive(noisy, ds, limit=args.limit, box=False)
     ious, same, switched = first_click_ious(Predictor(fp32), Predictor(low), ds, args.limit)
     image = ds.load(0)[0]
     result: dict[str, Any] = {"instances": len(ious)}

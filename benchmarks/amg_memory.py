@@ -1,6 +1,8 @@
 """Peak memory of "segment everything" on a large photo (default 4000 x 3000), segany vs the
 reference, same random ViT-B weights. Each generator runs in its own child process so that
-its peak resident memory (``ru_maxrss``) is its own.
+its peak resident memory (``ru_maxrss``) is its own. ``--which lite,lite-all-frames`` runs
+the bundled segany-lite with its own thresholds, its prompt branch made for the kept masks
+only (the default) or for every prompt of a batch.
 
     .venv/bin/python benchmarks/amg_memory.py --size 3000x4000 --points-per-side 16
 """
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -22,23 +25,35 @@ def child(which: str, size: str, pps: int, kw: dict) -> None:
     import torch
     from conftest import randomize_, synthetic_image
 
-    from segany import AutomaticMaskGenerator, build_sam, get_model_spec
+    from segany import AutomaticMaskGenerator, build_model, build_sam, get_model_spec
 
     torch.set_grad_enabled(False)
-    ours = randomize_(build_sam(get_model_spec("vit_b").config), 0, 0.02).eval()
-    randomize_(ours.prompt_encoder, 1, 0.1)
-    randomize_(ours.mask_decoder, 2, 0.1)
     h, w = (int(v) for v in size.split("x"))
     image = synthetic_image(h, w, seed=4)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if which == "reference":
-        from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
-
-        ref = sam_model_registry["vit_b"]().eval()
-        ref.load_state_dict(ours.state_dict())
-        gen = SamAutomaticMaskGenerator(ref, points_per_side=pps, output_mode="coco_rle", **kw)
+    gen: Any
+    if which.startswith("lite"):
+        # the bundled model with its own thresholds; "lite-all-frames": its prompt branch
+        # made for every prompt of a batch rather than for the kept masks only
+        lite = build_model().eval()
+        lite.fast_high_res_prompt = which == "lite"
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        batch = kw["points_per_batch"]
+        gen = AutomaticMaskGenerator(
+            lite, points_per_side=pps, points_per_batch=batch, output_mode="coco_rle"
+        )
     else:
-        gen = AutomaticMaskGenerator(ours, points_per_side=pps, output_mode="coco_rle", **kw)
+        ours = randomize_(build_sam(get_model_spec("vit_b").config), 0, 0.02).eval()
+        randomize_(ours.prompt_encoder, 1, 0.1)
+        randomize_(ours.mask_decoder, 2, 0.1)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if which == "reference":
+            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+
+            ref = sam_model_registry["vit_b"]().eval()
+            ref.load_state_dict(ours.state_dict())
+            gen = SamAutomaticMaskGenerator(ref, points_per_side=pps, output_mode="coco_rle", **kw)
+        else:
+            gen = AutomaticMaskGenerator(ours, points_per_side=pps, output_mode="coco_rle", **kw)
     t = time.perf_counter()
     n = len(gen.generate(image))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -67,7 +82,11 @@ def main() -> None:
         help="0 (default) keeps every mask to the stability filter, the worst case for memory",
     )
     ap.add_argument("--stability-score-thresh", type=float, default=0.0)
-    ap.add_argument("--which", default="segany,reference", help="comma list")
+    ap.add_argument(
+        "--which",
+        default="segany,reference",
+        help="comma list of segany, reference (random ViT-B), lite, lite-all-frames (bundled)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     kw = {

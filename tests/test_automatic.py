@@ -17,6 +17,8 @@ from segany.automatic import (
     batched_mask_to_box,
     batched_nms,
     build_point_grid,
+    calculate_stability_score,
+    count_true,
     nms,
     remove_small_regions,
 )
@@ -288,3 +290,17 @@ def test_filter_defaults_come_from_the_model(monkeypatch):
     assert gen.stability_score_thresh == generator_defaults(model)["stability_score_thresh"]
     monkeypatch.setattr(model, "config", get_model_spec("vit_b").config)
     assert settings(AutomaticMaskGenerator(model)) == dict(SAM_GENERATOR_DEFAULTS)
+
+
+def test_count_true_and_stability_score_match_torch_sums():
+    """The numpy count (CPU fast path) equals torch's sum over bool, on strided views and
+    empty batches too, and the stability score is the ratio of such counts."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 37, 53, generator=g) * 3
+    for masks in (logits > 0.5, (logits > -1)[:, ::2, 1::3], (logits > 0)[:0]):
+        want = masks.sum((-1, -2), dtype=torch.int32)
+        got = count_true(masks)
+        assert got.dtype == torch.int32 and torch.equal(got, want)
+    score = calculate_stability_score(logits, 0.0, 1.0)
+    ref = (logits > 1).sum((-1, -2)).double() / (logits > -1).sum((-1, -2)).double()
+    torch.testing.assert_close(score.double(), ref, rtol=1e-6, atol=0)

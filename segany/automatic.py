@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .modeling.sam import Sam
+from .modeling.sam import Sam, count_true
 from .predictor import Predictor
 from .registry import generator_defaults
 
@@ -281,20 +281,29 @@ class AutomaticMaskGenerator:
         model = pred.model
         orig_h, orig_w = orig_size
         assert pred.input_size is not None and pred.original_size is not None
-        masks = model.postprocess_masks(low_res[:, None], pred.input_size, pred.original_size)[:, 0]
-        stability = calculate_stability_score(
-            masks, model.mask_threshold, self.stability_score_offset
+        t, offset = model.mask_threshold, self.stability_score_offset
+        stats = model.postprocess_mask_stats(
+            low_res, pred.input_size, pred.original_size, (t + offset, t - offset)
         )
+        if stats is not None:
+            # thresholded and counted block by block: the float masks are never whole
+            binary, (inter, union) = stats
+            stability = (inter / union).to(low_res.dtype)
+        else:
+            masks = model.postprocess_masks(low_res[:, None], pred.input_size, pred.original_size)[
+                :, 0
+            ]
+            stability = calculate_stability_score(masks, t, offset)
+            binary = masks > t
+            del masks
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
-            masks, iou, stability, pts = (
-                masks[keep],
+            binary, iou, stability, pts = (
+                binary[keep],
                 iou[keep],
                 stability[keep],
                 pts[keep.cpu().numpy()],
             )
-        binary = masks > model.mask_threshold
-        del masks
         boxes = batched_mask_to_box(binary)
         keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
         if not bool(keep.all()):
@@ -416,15 +425,6 @@ def calculate_stability_score(
     inter = count_true(masks > (mask_threshold + offset))
     union = count_true(masks > (mask_threshold - offset))
     return inter / union
-
-
-def count_true(masks: torch.Tensor) -> torch.Tensor:
-    """``N x H x W`` bool -> ``N`` int32 counts of True. On the CPU numpy's count_nonzero,
-    mask by mask: 7x faster than torch's sum over bool (37 -> 5 ms for two 12 MP masks)."""
-    if masks.device.type != "cpu" or masks.requires_grad or masks.dim() != 3:
-        return masks.sum((-1, -2), dtype=torch.int32)
-    arr = masks.numpy()
-    return torch.tensor([np.count_nonzero(m) for m in arr], dtype=torch.int32)
 
 
 def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:

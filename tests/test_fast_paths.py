@@ -257,6 +257,37 @@ def test_banded_resize_is_the_dense_map(monkeypatch, shape, block):
         sam_module._resize_operators.cache_clear()
 
 
+@pytest.mark.parametrize("block", [64, 7])
+@pytest.mark.parametrize("shape", [(120, 180), (37, 301), (480, 640)])
+def test_mask_stats_are_the_thresholded_full_size_logits(monkeypatch, shape, block):
+    """``postprocess_mask_stats`` ("segment everything": masks thresholded and counted block
+    by block) gives exactly the masks of the float path thresholded at the model's threshold
+    and the counts of its logits above each level; None where the banded form is off."""
+    from segany.modeling import sam as sam_module
+    from segany.transforms import preprocess_shape
+
+    monkeypatch.setattr(sam_module, "RESIZE_BLOCK", block)
+    sam_module._resize_operators.cache_clear()
+    try:
+        model = _model()
+        low = torch.randn(5, 40, 40, generator=torch.Generator().manual_seed(2)) * 4
+        inp = preprocess_shape(*shape, 160)
+        levels = (1.0, -1.0, 0.3)
+        with torch.no_grad():
+            logits = model.postprocess_masks(low[:, None], inp, shape)[:, 0]
+            stats = model.postprocess_mask_stats(low, inp, shape, levels)
+        assert stats is not None
+        binary, counts = stats
+        assert binary.dtype == torch.bool and torch.equal(binary, logits > model.mask_threshold)
+        assert counts.shape == (3, 5)
+        for k, t in enumerate(levels):
+            assert torch.equal(counts[k], (logits > t).sum((-1, -2)))
+        set_fast_paths(model, False)
+        assert model.postprocess_mask_stats(low, inp, shape, levels) is None
+    finally:
+        sam_module._resize_operators.cache_clear()
+
+
 def test_predictor_fast_equals_plain_and_reference(image):
     from segment_anything import SamPredictor
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -212,6 +214,36 @@ class Sam(nn.Module):
         masks = F.interpolate(masks, (out_h, out_w), mode="bilinear", align_corners=False)
         return masks if threshold is None else masks > threshold
 
+    def postprocess_mask_stats(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, ...] | torch.Size,
+        original_size: tuple[int, ...] | torch.Size,
+        count_above: tuple[float, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``postprocess_masks(..., threshold=self.mask_threshold)`` of ``N x h x w`` low-res
+        logits, plus, per mask, the number of full-size logits above each of
+        ``count_above`` (``len(count_above) x N`` int64), without ever holding the full-size
+        float logits: each block of the banded resize is thresholded and counted while hot.
+        None where the banded form does not apply (the caller then uses the float path)."""
+        size, low = self.img_size, masks.shape[-1]
+        if not (self.fast_postprocess and masks.dim() == 3 and masks.shape[-2] == low):
+            return None
+        if not masks.is_floating_point() or masks.device.type != "cpu":
+            return None
+        in_h, in_w = int(input_size[0]), int(input_size[1])
+        out_h, out_w = int(original_size[0]), int(original_size[1])
+        ops = _resize_operators(low, size, in_h, in_w, out_h, out_w, masks.dtype, masks.device)
+        if ops is None:
+            return None
+        rows, cols, columns_first = ops
+        m = masks[:, : rows.n, : cols.n]
+        last = rows if columns_first else cols
+        mid = cols.apply(m, -1) if columns_first else rows.apply(m, -2)
+        return last.apply_counting(
+            mid, -2 if columns_first else -1, self.mask_threshold, count_above
+        )
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a ``3 x h x w`` (or ``B x 3 x h x w``) image and pad it to the square input."""
         x = (x - self.pixel_mean) / self.pixel_std
@@ -237,6 +269,14 @@ def _high_res_rows(
     pts = None if points is None else (take(points[0]), take(points[1]))
     s0 = pe.high_res_embedding(pts, None if masks is None else take(masks), n, take(features[0]))
     return [take(f) for f in features] if s0 is None else [s0, *map(take, features[1:])]
+
+
+def count_true(masks: torch.Tensor) -> torch.Tensor:
+    """``N x H x W`` bool -> ``N`` int64 counts of True. On the CPU numpy's count_nonzero,
+    mask by mask: 7x faster than torch's sum over bool (37 -> 5 ms for two 12 MP masks)."""
+    if masks.device.type != "cpu" or masks.requires_grad or masks.dim() != 3:
+        return masks.sum((-1, -2), dtype=torch.int64)
+    return torch.tensor([int(np.count_nonzero(m)) for m in masks.numpy()], dtype=torch.int64)
 
 
 #: ``postprocess_masks`` uses the banded-product form while it costs at most this many
@@ -292,9 +332,23 @@ class _BandedResize:
 
     def apply(self, x: torch.Tensor, dim: int, threshold: float | None = None) -> torch.Tensor:
         """The map along ``dim`` (-1: columns, -2: rows) of ``x``; ``> threshold`` when set."""
+        return self.apply_counting(x, dim, threshold, ())[0]
+
+    def apply_counting(
+        self,
+        x: torch.Tensor,
+        dim: int,
+        threshold: float | None,
+        count_above: tuple[float, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`apply`, and per ``H x W`` map of the result the number of values above each
+        of ``count_above`` (``len(count_above) x prod(leading dims)`` int64), counted from
+        each block while it is hot: with ``threshold`` the float result is never stored."""
         shape = list(x.shape)
         shape[dim] = self.out
         res = x.new_empty(shape, dtype=x.dtype if threshold is None else torch.bool)
+        lead = math.prod(shape[:-2])
+        counts = torch.zeros(len(count_above), lead, dtype=torch.int64)
         for i, (s, wt) in enumerate(zip(self.starts, self.weights)):
             o = slice(i * self.block, (i + 1) * self.block)
             if dim == -1:
@@ -305,7 +359,9 @@ class _BandedResize:
                 dst.copy_(y)
             else:
                 torch.gt(y, threshold, out=dst)
-        return res
+            for k, t in enumerate(count_above):
+                counts[k] += count_true(y.reshape(lead, *y.shape[-2:]) > t)
+        return res, counts
 
 
 @functools.lru_cache(maxsize=32)

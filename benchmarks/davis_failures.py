@@ -7,9 +7,10 @@ of outline complexity (outer contour length / sqrt(area)), and into one-part / m
 that never reaches IoU 0.90, the mean best IoU, the mean first-click IoU, and the share a
 perfect low-res mask could not bring to 0.90 at the model's mask frame (``--frame``, longest
 side; 160 for the 640-px segany-lite) and at 256: what training can fix against what needs a
-finer output.
+finer output. ``--img-size`` runs segany-lite weights at another input size, untrained
+(then pass ``--frame`` = size / 4).
 
-    .venv/bin/python benchmarks/davis_failures.py [--checkpoint FILE] [--out report.json]
+    .venv/bin/python benchmarks/davis_failures.py [--checkpoint FILE] [--img-size N] [--out F]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from heldout_interactive import at_input_size
 
 from segany import Predictor, build_model
 from segany.data import DavisDataset, load_sample
@@ -57,10 +59,14 @@ def main() -> None:
     ap.add_argument("--data", default=str(DAVIS))
     ap.add_argument("--frame", type=int, default=160, help="the model's mask frame (longest side)")
     ap.add_argument("--limit", type=int, help="first N instances only")
+    ap.add_argument(
+        "--img-size", type=int, help="run segany-lite weights at this input size (no retraining)"
+    )
     ap.add_argument("--out", help="per-instance JSON")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
+    model = at_input_size(model, args.img_size)
     ds = DavisDataset(args.data)
     report = evaluate_interactive(Predictor(model), ds, limit=args.limit, box=False)
     rows = []

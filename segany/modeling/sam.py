@@ -185,16 +185,9 @@ class Sam(nn.Module):
         in_h, in_w = int(input_size[0]), int(input_size[1])
         out_h, out_w = int(original_size[0]), int(original_size[1])
         low = masks.shape[-1]
-        if self.fast_postprocess and masks.shape[-2] == low and masks.is_floating_point():
-            ops = _resize_operators(low, size, in_h, in_w, out_h, out_w, masks.dtype, masks.device)
-            if ops is not None:
-                # Both bilinear resizes (and the crop between them) are linear and act on
-                # rows and columns separately: one banded map per axis, applied in turn.
-                rows, cols, columns_first = ops
-                m = masks[..., : rows.n, : cols.n]
-                if columns_first:
-                    return rows.apply(cols.apply(m, -1), -2, threshold)
-                return cols.apply(rows.apply(m, -2), -1, threshold)
+        banded = self._banded_postprocess(masks, input_size, original_size, threshold, ())
+        if banded is not None:
+            return banded[0]
         if self.fast_postprocess and masks.dim() == 4 and masks.shape[1] > 1:
             # Several masks per prompt: PyTorch's CPU bilinear kernel is the channels-last one
             # (a contiguous B x M x H x W input is converted to it and back); giving it
@@ -226,23 +219,39 @@ class Sam(nn.Module):
         ``count_above`` (``len(count_above) x N`` int64), without ever holding the full-size
         float logits: each block of the banded resize is thresholded and counted while hot.
         None where the banded form does not apply (the caller then uses the float path)."""
-        size, low = self.img_size, masks.shape[-1]
-        if not (self.fast_postprocess and masks.dim() == 3 and masks.shape[-2] == low):
+        if masks.dim() != 3 or masks.device.type != "cpu":
             return None
-        if not masks.is_floating_point() or masks.device.type != "cpu":
+        return self._banded_postprocess(
+            masks, input_size, original_size, self.mask_threshold, count_above
+        )
+
+    def _banded_postprocess(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, ...] | torch.Size,
+        original_size: tuple[int, ...] | torch.Size,
+        threshold: float | None,
+        count_above: tuple[float, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fast path of :meth:`postprocess_masks` (and the counts of
+        :meth:`postprocess_mask_stats`); None where it does not apply."""
+        low = masks.shape[-1]
+        if not (self.fast_postprocess and masks.shape[-2] == low and masks.is_floating_point()):
             return None
         in_h, in_w = int(input_size[0]), int(input_size[1])
         out_h, out_w = int(original_size[0]), int(original_size[1])
-        ops = _resize_operators(low, size, in_h, in_w, out_h, out_w, masks.dtype, masks.device)
+        ops = _resize_operators(
+            low, self.img_size, in_h, in_w, out_h, out_w, masks.dtype, masks.device
+        )
         if ops is None:
             return None
+        # Both bilinear resizes (and the crop between them) are linear and act on rows and
+        # columns separately: one banded map per axis, applied in turn.
         rows, cols, columns_first = ops
-        m = masks[:, : rows.n, : cols.n]
-        last = rows if columns_first else cols
-        mid = cols.apply(m, -1) if columns_first else rows.apply(m, -2)
-        return last.apply_counting(
-            mid, -2 if columns_first else -1, self.mask_threshold, count_above
-        )
+        m = masks[..., : rows.n, : cols.n]
+        if columns_first:
+            return rows.apply_counting(cols.apply(m, -1), -2, threshold, count_above)
+        return cols.apply_counting(rows.apply(m, -2), -1, threshold, count_above)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a ``3 x h x w`` (or ``B x 3 x h x w``) image and pad it to the square input."""

@@ -24,23 +24,13 @@ import cv2
 import numpy as np
 import torch
 from heldout_interactive import at_input_size
+from mask_frame_ceiling import frame_ceiling
 
 from segany import Predictor, build_model
 from segany.data import DavisDataset, load_sample
-from segany.evaluate import evaluate_interactive, mask_iou
+from segany.evaluate import evaluate_interactive
 
 DAVIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "val" / "DAVIS"
-
-
-def frame_ceiling(gt: np.ndarray, ignore: np.ndarray | None, side: int) -> float:
-    """IoU of the ground truth after a round trip through a ``side``-pixel frame (area
-    downsampling, +-1 logits, bilinear upsampling, threshold 0), as perfect low-res logits."""
-    h, w = gt.shape
-    scale = side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = cv2.resize(gt.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    up = cv2.resize(small * 2 - 1, (w, h), interpolation=cv2.INTER_LINEAR)
-    return mask_iou(up > 0, gt, ignore)
 
 
 def shape_figures(gt: np.ndarray) -> tuple[float, int, float]:

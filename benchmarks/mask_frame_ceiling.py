@@ -20,6 +20,17 @@ from segany.evaluate import mask_iou
 DAVIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "val" / "DAVIS"
 
 
+def frame_ceiling(gt: np.ndarray, ignore: np.ndarray | None, side: int) -> float:
+    """IoU of the ground truth after a round trip through a ``side``-pixel frame (area
+    downsampling, +-1 logits, bilinear upsampling, threshold 0), as perfect low-res logits."""
+    h, w = gt.shape
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(gt.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    up = cv2.resize(small * 2 - 1, (w, h), interpolation=cv2.INTER_LINEAR)
+    return mask_iou(up > 0, gt, ignore)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DAVIS)
@@ -28,13 +39,8 @@ def main() -> None:
     ious: dict[int, list[float]] = {s: [] for s in args.sides}
     for sample in DavisDataset(args.data):
         _, gt, ignore = load_sample(sample)
-        h, w = gt.shape
         for side in args.sides:
-            scale = side / max(h, w)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            small = cv2.resize(gt.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-            up = cv2.resize(small * 2 - 1, (w, h), interpolation=cv2.INTER_LINEAR)
-            ious[side].append(mask_iou(up > 0, gt, ignore))
+            ious[side].append(frame_ceiling(gt, ignore, side))
     for side, values in ious.items():
         v = np.array(values)
         print(

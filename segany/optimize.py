@@ -26,8 +26,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def set_fast_paths(model: Sam, enabled: bool = True) -> Sam:
     """Switches every fast path (fused attention, sub-pixel upscaling, banded MLP, oneDNN
-    linears, crop-first mask upscaling, the prompt branch made for kept masks only) on or
-    off. Off is the reference computation."""
+    linears, crop-first mask upscaling, the prompt branch made for kept masks only, low-rank
+    image tokens in the decoder) on or off. Off is the reference computation."""
     from .modeling.image_encoder import Attention as EncoderAttention
     from .modeling.mask_decoder import MaskDecoder
     from .modeling.transformer import Attention as DecoderAttention
@@ -35,6 +35,8 @@ def set_fast_paths(model: Sam, enabled: bool = True) -> Sam:
     for m in model.modules():
         if isinstance(m, (EncoderAttention, DecoderAttention, MaskDecoder)):
             m.fused = enabled
+        if isinstance(m, MaskDecoder):
+            m.low_rank = enabled
     model.fast_postprocess = enabled
     model.fast_high_res_prompt = enabled
     return model

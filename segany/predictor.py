@@ -119,6 +119,8 @@ class Predictor:
         self.orig_h, self.orig_w = self.original_size
         self.input_h, self.input_w = self.input_size
         self.is_image_set = True
+        if self.backend is None and self.features is not None and self.features.dim() == 4:
+            self.model.prepare_decoder(self.features)  # the first click as fast as the next
 
     def get_image_embedding(self) -> torch.Tensor:
         """The ``1 x C x h x w`` embedding of the current image."""

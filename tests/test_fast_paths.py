@@ -437,3 +437,116 @@ def test_decoder_groups_of_prompts_give_the_whole_batch(high_res):
     masks, _ = dec(emb, pe, sparse, dense, True, **extra)
     masks.sum().backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("high_res", [False, True])
+@pytest.mark.parametrize("multimask", [True, False])
+def test_low_rank_image_tokens_equal_the_dense_path(high_res, multimask):
+    """Prompts on one image without a mask input: the transformer keeps the image tokens as
+    the image plus a low-rank term per prompt (its products with the image made once and
+    kept). The same masks and IoUs as the dense fast path and the plain path, batch = its
+    items one by one, with ``iou_floor`` skipping the same prompts; the kept products follow
+    in-place edits of any transformer or upscaling weight."""
+    cfg = dataclasses.replace(
+        WIDE, mask_decoder=dataclasses.replace(WIDE.mask_decoder, use_high_res_features=high_res)
+    )
+    model = _model(cfg, seed=3)
+    dec = model.mask_decoder
+    g = torch.Generator().manual_seed(11)
+    emb = torch.randn(1, 64, 10, 10, generator=g)
+    high = [torch.randn(1, 8, 40, 40, generator=g), torch.randn(1, 16, 20, 20, generator=g)]
+    extra = {"high_res_features": high} if high_res else {}
+    sparse = torch.randn(5, 2, 64, generator=g)  # 7 tokens: rank 2 x (2 x 7 + 2) = 32 <= 3/4 of 64
+    dense = torch.randn(1, 64, 1, 1, generator=g).expand(5, -1, 10, 10)
+    pe = model.prompt_encoder.get_dense_pe()
+
+    def run(low_rank, s=sparse, d=dense, **kw):
+        dec.low_rank = low_rank
+        with torch.no_grad():
+            return dec(emb, pe, s, d, multimask, **extra, **kw)
+
+    dense_out = run(False)
+    assert "_low_rank_cache" not in dec.__dict__
+    low = run(True)
+    kept = dec.__dict__["_low_rank_cache"][1]
+    for a, b in zip(low, dense_out):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    set_fast_paths(model, False)
+    plain = run(False)
+    set_fast_paths(model, True)
+    for a, b in zip(low, plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for i in range(5):
+        one = run(True, sparse[i : i + 1], dense[:1])
+        torch.testing.assert_close(one[0][0], low[0][i], atol=1e-4, rtol=1e-4)
+    assert dec.__dict__["_low_rank_cache"][1] is kept  # reused for every prompt
+
+    best = low[1].max(1).values.sort().values
+    floor = float(best[1:3].mean())  # between prompts: 2 skipped, 3 kept
+    a, b = run(True, iou_floor=floor), run(False, iou_floor=floor)
+    assert torch.equal(a[0] == 0, b[0] == 0) and (a[0] == 0).any() and (a[0] != 0).any()
+    torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-4)
+
+    # the kept products follow the weights they fold (a later layer's LayerNorm, a later
+    # layer's projections, the final attention's, the first upscaling's), edited in place
+    tf = dec.transformer
+    for p in (
+        tf.layers[0].norm4.weight,
+        tf.layers[1].cross_attn_image_to_token.q_proj.weight,
+        tf.final_attn_token_to_image.v_proj.weight,
+        dec.output_upscaling[0].weight,
+    ):
+        with torch.no_grad():
+            p.mul_(1.5)
+        low, dense_out = run(True), run(False)
+        for x, y in zip(low, dense_out):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+        assert dec.__dict__["_low_rank_cache"][1] is not kept
+        kept = dec.__dict__["_low_rank_cache"][1]
+
+
+def test_low_rank_image_tokens_only_where_they_pay():
+    """Not for a mask input (the image differs per prompt), not for so many tokens that the
+    low-rank term would be as wide as the image, not under autograd."""
+    model = _model(WIDE, seed=4)
+    dec = model.mask_decoder
+    g = torch.Generator().manual_seed(12)
+    emb = torch.randn(1, 64, 10, 10, generator=g)
+    pe = model.prompt_encoder.get_dense_pe()
+    vec = torch.randn(1, 64, 1, 1, generator=g)
+    with torch.no_grad():
+        dec(emb, pe, torch.randn(2, 20, 64, generator=g), vec.expand(2, -1, 10, 10), True)
+        assert "_low_rank_cache" not in dec.__dict__  # 25 tokens: rank 2 x 52 > 3/4 of 64
+        dec(emb, pe, torch.randn(2, 2, 64, generator=g), torch.randn(2, 64, 10, 10), True)
+        assert "_low_rank_cache" not in dec.__dict__  # a mask input
+    with torch.enable_grad():
+        masks, _ = dec(emb, pe, torch.randn(2, 2, 64, generator=g), vec.expand(2, -1, 10, 10), True)
+        masks.sum().backward()
+    assert "_low_rank_cache" not in dec.__dict__
+    assert dec.transformer.layers[1].norm4.weight.grad is not None
+    with torch.no_grad():
+        dec(emb, pe, torch.randn(2, 2, 64, generator=g), vec.expand(2, -1, 10, 10), True)
+    assert "_low_rank_cache" in dec.__dict__
+
+
+def test_set_image_makes_the_decoders_image_products_for_the_first_click(image):
+    """The products every click on the image shares are made by ``set_image``; the first
+    click reuses them (and gives what a decoder making them itself gives)."""
+    model = _model(WIDE, seed=6)
+    dec = model.mask_decoder
+    pred = Predictor(model)
+    pred.set_image(image)
+    names = ("_image_cache", "_first_layer_cache", "_low_rank_cache")
+    kept = [dec.__dict__[n][1] for n in names]
+    kw = dict(point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([1]))
+    got = pred.predict(**kw, return_logits=True)
+    assert all(dec.__dict__[n][1] is k for n, k in zip(names, kept))
+    for n in names:
+        del dec.__dict__[n]
+    again = pred.predict(**kw, return_logits=True)
+    second = dec.__dict__["_low_rank_cache"][1]
+    assert second is not kept[2]
+    for a, b in zip(got, again):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    pred.set_image(image[::-1].copy())  # another image: made again
+    assert dec.__dict__["_low_rank_cache"][1] is not second

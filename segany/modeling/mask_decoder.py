@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, fused_linear, tracing
-from .transformer import ImageProjections, TwoWayAttentionBlock, TwoWayTransformer, image_tokens
+from .transformer import (
+    ImageProjections,
+    LayerTerms,
+    LowRankImage,
+    TwoWayAttentionBlock,
+    TwoWayTransformer,
+    image_tokens,
+)
 
 _T = TypeVar("_T")
 
@@ -73,6 +80,12 @@ class MaskDecoder(nn.Module):
         #: ``benchmarks/decode_groups.py`` (AVX2 EPYC, medians of 5): 16 MiB against 4 MiB,
         #: 64 ViT-B boxes 0.72-0.79x, 640-px segany-lite "everything" 0.94x; 24 MiB no better.
         self.group_bytes = 16 << 20
+        #: Fast path at inference (with ``fused``), for prompts on one image without a mask
+        #: input: the image tokens inside the transformer are kept as the image plus a
+        #: low-rank term per prompt (:meth:`TwoWayTransformer.forward_low_rank`), so the
+        #: image-sized projections of the later layers, the final attention and the first
+        #: upscaling product are made once per image. Same results up to float rounding.
+        self.low_rank = True
 
     def forward(
         self,
@@ -120,6 +133,25 @@ class MaskDecoder(nn.Module):
             high_res_features,
         )
         return masks[:, sl], iou_pred[:, sl]
+
+    def prepare(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        n_tokens: int,
+    ) -> None:
+        """Makes (and keeps) the products of the image that the fast path shares between the
+        prompts with this spatially constant dense embedding and ``n_tokens`` tokens (see
+        :meth:`_image_terms`, :meth:`_first_layer_terms`, :meth:`_low_rank_terms`); nothing
+        where the fast path would not keep them."""
+        if not self.fused or self._subpixel_layers() is None or image_embeddings.shape[0] != 1:
+            return
+        src, pe_tokens, src_with_pe = self._image_terms(
+            image_embeddings, image_pe, dense_prompt_embeddings
+        )
+        if src_with_pe is not None and self._first_layer_terms(src, src_with_pe) is not None:
+            self._low_rank_terms(src, pe_tokens, n_tokens)
 
     def _predict_grouped(
         self,
@@ -257,7 +289,15 @@ class MaskDecoder(nn.Module):
             image_embeddings, image_pe, dense_prompt_embeddings
         )
         first = None if src_with_pe is None else self._first_layer_terms(src, src_with_pe)
-        hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe, first)  # B x hw x C
+        keys: torch.Tensor | LowRankImage
+        low = None
+        if first is not None and src_with_pe is not None:
+            low = self._low_rank_terms(src, pe_tokens, tokens.shape[1])
+        if low is not None:
+            assert first is not None
+            hs, keys = self.transformer.forward_low_rank(src, tokens, first, low[0])
+        else:
+            hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe, first)  # B x hw x C
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, sl]
         if iou_floor is not None and not torch.is_grad_enabled():
             rows = (iou_pred > iou_floor).any(1).nonzero()[:, 0]
@@ -272,26 +312,30 @@ class MaskDecoder(nn.Module):
                         high = high_res_features and [
                             f[rows] if len(f) == b else f for f in high_res_features
                         ]
-                    out[rows] = self._upscale(layers, hs[rows], keys[rows], high, sl, h, w)
+                    kept = keys.rows(rows) if isinstance(keys, LowRankImage) else keys[rows]
+                    out[rows] = self._upscale(layers, hs[rows], kept, high, sl, h, w, low)
                 return out, iou_pred
         if high_res_rows is not None:
             high_res_features = high_res_rows(None)
-        return self._upscale(layers, hs, keys, high_res_features, sl, h, w), iou_pred
+        return self._upscale(layers, hs, keys, high_res_features, sl, h, w, low), iou_pred
 
     def _upscale(
         self,
         layers: tuple[nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU],
         hs: torch.Tensor,
-        keys: torch.Tensor,
+        keys: torch.Tensor | LowRankImage,
         high_res_features: list[torch.Tensor] | None,
         sl: slice,
         h: int,
         w: int,
+        low: tuple[list[LayerTerms], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Tokens and image keys after the transformer -> the masks in ``sl``, ``B x M x 4h x
         4w``: the hypernetwork MLPs and the upscaling (``layers``, see
-        :meth:`_subpixel_layers`) as sub-pixel matrix products."""
-        b, _, c = keys.shape
+        :meth:`_subpixel_layers`) as sub-pixel matrix products. With the keys as a
+        :class:`LowRankImage`, ``low`` is :meth:`_low_rank_terms`' (the image's product with
+        the first upscaling weights)."""
+        b, c = hs.shape[0], hs.shape[2]
         token_ids = range(self.num_mask_tokens)[sl]
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in token_ids], dim=1
@@ -315,10 +359,10 @@ class MaskDecoder(nn.Module):
                 raise ValueError("this mask decoder needs high_res_features from its encoder")
             # the high-res features in the sub-pixel layout, biases folded in
             hr0, hr1 = self._high_res_terms(high_res_features, h, w, b1, b2)
-            y = fused_linear(keys.reshape(-1, c), w1).view(b, h * w, 4 * c1)
+            y = self._first_upscaling(keys, w1, None, low).view(b, h * w, 4 * c1)
             y = (y.add_(hr1) if inplace else y + hr1).view(b, h, w, 2, 2, c1)
         else:
-            y = fused_linear(keys.reshape(-1, c), w1, b1).view(b, h, w, 2, 2, c1)
+            y = self._first_upscaling(keys, w1, b1, low).view(b, h, w, 2, 2, c1)
         y = F.layer_norm(y, (c1,), ln1.weight, ln1.bias, ln1.eps)
         y = (torch.ops.aten.gelu_(y) if inplace else act1(y)).reshape(-1, c1)
         halves = []
@@ -334,6 +378,59 @@ class MaskDecoder(nn.Module):
             m = masks.shape[1]
             halves.append(masks.view(b, m, h, w, 2, 2, 2).permute(0, 1, 2, 4, 3, 5, 6))
         return torch.stack(halves, dim=4).view(b, -1, 4 * h, 4 * w)  # (i, di1, di2, j, dj1, dj2)
+
+    @staticmethod
+    def _first_upscaling(
+        keys: torch.Tensor | LowRankImage,
+        w1: torch.Tensor,
+        b1: torch.Tensor | None,
+        low: tuple[list[LayerTerms], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The first transposed convolution as ``keys @ w1^T + b1``, ``B x hw x 4*C/4``: for
+        a :class:`LowRankImage`, the image's product (``low[1]``, made once) scaled per token
+        plus the low-rank term's."""
+        if not isinstance(keys, LowRankImage):
+            return fused_linear(keys.reshape(-1, keys.shape[2]), w1, b1)
+        assert low is not None
+        wr = w1 @ keys.right.transpose(1, 2)  # B x 4*C/4 x k
+        # item by item (each its own product), through oneDNN where it can
+        ys = [fused_linear(u, r, b1) for u, r in zip(keys.left, wr)]
+        y = ys[0].unsqueeze(0) if len(ys) == 1 else torch.stack(ys)
+        return y.addcmul_(low[1], keys.scale)
+
+    def _low_rank_terms(
+        self, src: torch.Tensor, pe: torch.Tensor, n_tokens: int
+    ) -> tuple[list[LayerTerms], torch.Tensor] | None:
+        """For :meth:`TwoWayTransformer.forward_low_rank` on the shared image ``src`` (with
+        ``pe``), when that path applies and pays (the low-rank term stays well narrower than
+        the image: its rank, depth x (heads x tokens + 2), at most 3/4 of C): its
+        :meth:`~TwoWayTransformer.low_rank_terms` and the image's product with the first
+        upscaling weights, kept for the next prompts on the same image. None otherwise."""
+        tf = self.transformer
+        if not (self.low_rank and type(tf) is TwoWayTransformer and tf.layers):
+            return None
+        if not all(type(b) is TwoWayAttentionBlock for b in tf.layers):
+            return None
+        attns = [tf.final_attn_token_to_image]
+        for block in tf.blocks():
+            attns += [block.cross_attn_token_to_image, block.cross_attn_image_to_token]
+        if not all(a.fused and a._plain_linears() for a in attns):
+            return None
+        c = src.shape[2]
+        # Measured (2 threads): ViT-B (C 256) gains 8-10 % at rank 116-164 (1-4 clicks);
+        # segany-lite (C 128) loses 10 % at rank 116.
+        if 4 * len(tf.layers) * (tf.num_heads * n_tokens + 2) > 3 * c:
+            return None
+        dc1 = self.output_upscaling[0]
+        assert isinstance(dc1, nn.ConvTranspose2d)  # checked by the caller's fast path
+        params = [*tf.parameters(), dc1.weight]
+        key: tuple[Any, ...] = (src, pe, *(t._version for t in params))
+
+        def compute() -> tuple[list[LayerTerms], torch.Tensor]:
+            w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, c)
+            return tf.low_rank_terms(src, pe), src @ (w1 * tf.final_diag()).t()
+
+        return self._memo("_low_rank_cache", key, compute)
 
     def _image_terms(
         self,

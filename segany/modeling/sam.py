@@ -84,6 +84,20 @@ class Sam(nn.Module):
                 return p.dtype
         return torch.float32
 
+    @torch.no_grad()
+    def prepare_decoder(self, image_embeddings: torch.Tensor) -> None:
+        """Makes the mask decoder's products of one image (``1 x C x h x w``) that every
+        prompt without a mask input on it shares (kept by the decoder until another image
+        comes), so that the first click costs what the later ones do. Optional: the decoder
+        makes them at its first prompt otherwise."""
+        if isinstance(self.mask_decoder, MaskDecoder):
+            _, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+            # one click: the mask tokens, the point and its padding point
+            tokens = self.mask_decoder.num_mask_tokens + 1 + 2
+            self.mask_decoder.prepare(
+                image_embeddings, self.prompt_encoder.get_dense_pe(), dense, tokens
+            )
+
     def decode(
         self,
         image_embeddings: torch.Tensor,

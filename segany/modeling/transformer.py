@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,86 @@ class TwoWayTransformer(nn.Module):
             keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
 
+    def blocks(self) -> list[TwoWayAttentionBlock]:
+        """The layers, typed."""
+        return [cast(TwoWayAttentionBlock, b) for b in self.layers]
+
+    def low_rank_terms(self, src: torch.Tensor, pe: torch.Tensor) -> list[LayerTerms]:
+        """The products of one image (``src``, its ``pe``: ``1 x hw x C`` tokens) that
+        :meth:`forward_low_rank` needs, one :class:`LayerTerms` per layer after the first, then
+        the final attention's: the image projected by each attention's image-side weights,
+        with the LayerNorm weights that scale it by then folded in (see
+        :class:`LowRankImage`). Computed once per image, for every prompt on it."""
+        e, p = src[0], pe[0]
+        terms = []
+        diag = torch.ones_like(e[0])
+        for i, layer in enumerate(self.blocks()):
+            if i:
+                t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+                wk, wq, wv = t2i.k_proj.weight, i2t.q_proj.weight, t2i.v_proj.weight
+                terms.append(
+                    LayerTerms(
+                        keys_t=_with_pe(t2i, e, p, wk, diag),
+                        values=t2i.heads((e @ (wv * diag).t()).unsqueeze(0))[0],
+                        queries_t=_with_pe(i2t, e, p, wq, diag),
+                    )
+                )
+            diag = diag * layer.norm4.weight
+        final = self.final_attn_token_to_image
+        terms.append(
+            LayerTerms(
+                keys_t=_with_pe(final, e, p, final.k_proj.weight, diag),
+                values=final.heads((e @ (final.v_proj.weight * diag).t()).unsqueeze(0))[0],
+                queries_t=None,
+            )
+        )
+        return terms
+
+    def final_diag(self) -> torch.Tensor:
+        """The product of the layers' last LayerNorm weights: what scales the image term of
+        :meth:`forward_low_rank`'s output (see :class:`LowRankImage`)."""
+        blocks = self.blocks()
+        diag = torch.ones_like(blocks[0].norm4.weight)
+        for layer in blocks:
+            diag = diag * layer.norm4.weight
+        return diag
+
+    def forward_low_rank(
+        self,
+        src: torch.Tensor,
+        point_embedding: torch.Tensor,
+        first_layer_image: ImageProjections,
+        terms: list[LayerTerms],
+    ) -> tuple[torch.Tensor, LowRankImage]:
+        """:meth:`forward` (inference) for B prompts on one image ``src`` (``1 x hw x C``
+        tokens) whose products with the first layer (:meth:`TwoWayAttentionBlock.image_projections`)
+        and the later ones (:meth:`low_rank_terms`, with its PE) are given; the output image
+        tokens come as a :class:`LowRankImage`.
+
+        Each layer adds to the image tokens a term of rank heads x tokens (the image's
+        attention to the few tokens) and LayerNorms the sum. So every later use of the image
+        tokens (the next layers' attention, the final attention, the upscaling) is the
+        image's own product, made once per image (:meth:`low_rank_terms`), plus a product of
+        that low rank: a prompt's ``hw x C x C`` projections become ``hw x rank x C``. The
+        same function as :meth:`forward`, up to float rounding.
+        """
+        image = LowRankImage.of(src, point_embedding.shape[0])
+        queries, keys = point_embedding, src
+        for i, layer in enumerate(self.blocks()):
+            queries, keys, image = layer.forward_low_rank(
+                queries,
+                keys,
+                image,
+                point_embedding,
+                first_layer_image if i == 0 else None,
+                terms[i - 1] if i else None,
+            )
+        final = terms[-1]
+        attn_out = self.final_attn_token_to_image.attend_low_rank(
+            queries + point_embedding, image, final.keys_t, final.values
+        )
+        return self.norm_final_attn(queries + attn_out), image
+
 
 def image_tokens(x: torch.Tensor) -> torch.Tensor:
     """``B x C x h x w`` -> contiguous ``B x hw x C``. Every later elementwise op and
@@ -132,12 +212,7 @@ class TwoWayAttentionBlock(nn.Module):
         """``keys`` (and ``key_pe``, ``keys_with_pe``) may have batch 1 for B queries.
         ``projected``: :meth:`image_projections` of these ``keys`` (and ``keys_with_pe``).
         ``own_keys``: ``keys`` is a temporary of the caller's, which inference may overwrite."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self._self_attend(queries, query_pe)
 
         q = queries + query_pe
         k = keys + key_pe if keys_with_pe is None else keys_with_pe
@@ -145,7 +220,7 @@ class TwoWayAttentionBlock(nn.Module):
         if projected is None:
             attn_out = t2i(q=q, k=k, v=keys)
         else:
-            attn_out = t2i.attend_projected(q, projected.keys, projected.values)
+            attn_out = t2i.attend_projected(q, projected.keys_t, projected.values)
         queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
 
@@ -157,6 +232,56 @@ class TwoWayAttentionBlock(nn.Module):
             keys = self.norm4(i2t.attended_by_projected(projected.queries_t, q, queries, keys))
         return queries, keys
 
+    def _self_attend(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """The tokens' self-attention and its LayerNorm."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        return self.norm1(queries)
+
+    def forward_low_rank(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        image: LowRankImage,
+        query_pe: torch.Tensor,
+        projected: ImageProjections | None,
+        terms: LayerTerms | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, LowRankImage]:
+        """:meth:`forward` (inference) with the image tokens also as ``image`` (see
+        :meth:`TwoWayTransformer.forward_low_rank`): the first layer with ``projected`` (its
+        image projections), a later one with ``terms``. Returns the queries, the image tokens
+        and them as a :class:`LowRankImage`."""
+        queries = self._self_attend(queries, query_pe)
+        q = queries + query_pe
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        if projected is not None:
+            attn_out = t2i.attend_projected(q, projected.keys_t, projected.values)
+        else:
+            assert terms is not None and terms.queries_t is not None
+            attn_out = t2i.attend_low_rank(q, image, terms.keys_t, terms.values)
+        queries = self.norm2(queries + attn_out)
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q = queries + query_pe
+        if projected is not None:
+            scores_t = i2t.project_scores(projected.queries_t, q)
+        else:
+            assert terms is not None and terms.queries_t is not None
+            scores_t = i2t.low_rank_scores(image, terms.queries_t, q)
+        attn, f = i2t._few_keys_factors(scores_t, queries)
+        # the image tokens plus their attention to the tokens (not in place: the first
+        # layer's keys are the caller's image)
+        x = torch.baddbmm(keys, attn.transpose(1, 2), f)
+        norm = self.norm4
+        # (the statistics alone, from var_mean, would cost 10x the whole LayerNorm)
+        new_keys, mean, rstd = torch.native_layer_norm(
+            x, norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        )
+        return queries, new_keys, image.normed(attn, f, mean, rstd, norm.weight, norm.bias)
+
     def image_projections(self, keys: torch.Tensor, keys_with_pe: torch.Tensor) -> ImageProjections:
         """The projections of this block that see the image tokens only (``1 x hw x C``, no
         prompt): worth keeping when the image is the block's input (the first layer) and many
@@ -164,7 +289,7 @@ class TwoWayAttentionBlock(nn.Module):
         :meth:`Attention._few_queries` and half of :meth:`Attention._few_keys`."""
         t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
         return ImageProjections(
-            keys=t2i.heads(t2i.k_proj(keys_with_pe)),
+            keys_t=t2i.heads(t2i.k_proj(keys_with_pe)).transpose(-1, -2).contiguous(),
             values=t2i.heads(t2i.v_proj(keys)),
             queries_t=i2t.heads(i2t.q_proj(keys_with_pe)).transpose(-1, -2).contiguous(),
         )
@@ -172,12 +297,79 @@ class TwoWayAttentionBlock(nn.Module):
 
 class ImageProjections(NamedTuple):
     """One image's projections in a :class:`TwoWayAttentionBlock` (see ``image_projections``):
-    token->image keys and values ``1 x heads x hw x d``; image->token queries transposed,
-    ``1 x heads x d x hw``."""
+    token->image keys transposed, ``1 x heads x d x hw``, and values ``1 x heads x hw x d``;
+    image->token queries transposed, ``1 x heads x d x hw``."""
 
-    keys: torch.Tensor
+    keys_t: torch.Tensor
     values: torch.Tensor
     queries_t: torch.Tensor
+
+
+class LayerTerms(NamedTuple):
+    """One image's products for a transformer layer after the first (or the final
+    attention) in :meth:`TwoWayTransformer.forward_low_rank`, per head: token->image keys
+    ``heads x d x 2hw`` (the image's, then its PE's), values ``heads x hw x d``, and
+    image->token queries like the keys (None for the final attention). The image's carry
+    the LayerNorm weights that scale it at that layer (:class:`LowRankImage`), not the
+    biases (the keys' drop out of the softmax, the others are added per prompt)."""
+
+    keys_t: torch.Tensor
+    values: torch.Tensor
+    queries_t: torch.Tensor | None
+
+
+class LowRankImage(NamedTuple):
+    """The image tokens of B prompts on one image ``E`` (``1 x hw x C``) inside the
+    transformer, without a ``hw x C`` tensor per prompt:
+    ``scale * (E * diag) + left @ right``, where ``scale`` is ``1|B x hw x 1`` (per token),
+    ``left`` ``B x hw x k`` and ``right`` ``B x k x C`` with ``k`` a few heads x tokens,
+    and ``diag`` (``C``, the product of the LayerNorm weights so far) is folded into the
+    image's cached products (:meth:`TwoWayTransformer.low_rank_terms`)."""
+
+    scale: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @staticmethod
+    def of(src: torch.Tensor, b: int) -> LowRankImage:
+        """The image itself (scale 1, rank 0) for ``b`` prompts."""
+        n, c = src.shape[1], src.shape[2]
+        return LowRankImage(src.new_ones(1, n, 1), src.new_zeros(b, n, 0), src.new_zeros(b, 0, c))
+
+    def rows(self, idx: torch.Tensor) -> LowRankImage:
+        """The prompts ``idx`` of the B."""
+        scale = self.scale if self.scale.shape[0] == 1 else self.scale[idx]
+        return LowRankImage(scale, self.left[idx], self.right[idx])
+
+    def normed(
+        self,
+        attn: torch.Tensor,
+        f: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> LowRankImage:
+        """``LayerNorm(self + attn^T @ f)`` with that sum's per-token ``mean`` and ``rstd``
+        (``B x hw x 1``): ``(x - mean) * rstd * weight + bias``, where ``x`` is this image
+        plus the rank-``attn.shape[1]`` term ``attn^T f`` (``attn`` ``B x k' x hw``)."""
+        b, c = f.shape[0], f.shape[2]
+        k, m = self.left.shape[2], attn.shape[1]
+        left = rstd.new_empty(b, rstd.shape[1], k + m + 2)
+        torch.mul(self.left, rstd, out=left[..., :k])
+        torch.mul(attn.transpose(1, 2), rstd, out=left[..., k : k + m])
+        torch.mul(mean, rstd, out=left[..., k + m : k + m + 1]).neg_()
+        left[..., k + m + 1] = 1
+        right = torch.cat(
+            [
+                self.right * weight,
+                f * weight,
+                weight.expand(b, 1, c),
+                bias.expand(b, 1, c),
+            ],
+            dim=1,
+        )
+        return LowRankImage(self.scale * rstd, left, right)
 
 
 class Attention(nn.Module):
@@ -210,16 +402,18 @@ class Attention(nn.Module):
         return self._split(x).contiguous()
 
     def attend_projected(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
         """:meth:`forward` for queries ``B x Nq x C`` on keys and values given already
-        projected, ``1 x heads x Nk x d`` (shared by the B items, never copied)."""
+        projected, ``1 x heads x d x Nk`` and ``1 x heads x Nk x d`` (shared by the B
+        items, never copied). Explicit products: for a few queries they beat SDPA's kernel."""
         b, nq, _ = q.shape
-        qh = self.heads(self.q_proj(q))
+        qh = self._scaled_heads(self.q_proj(q))
         outs = [
-            F.scaled_dot_product_attention(qh[i : i + 1], keys, values) for i in range(b)
+            torch.bmm(torch.softmax(torch.bmm(qh[i], keys_t[0]), dim=-1), values[0])
+            for i in range(b)
         ]  # item by item: a batch gives exactly its items' results
-        out = outs[0] if b == 1 else torch.cat(outs)
+        out = torch.stack(outs)  # B x heads x Nq x d
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
 
     def attended_by_projected(
@@ -231,13 +425,66 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """:meth:`forward` (+ ``residual``) for many queries given already projected and
         transposed, ``1 x heads x d x Nq`` (shared), on a few keys and values ``B x Nk x C``."""
+        return self._few_keys_output(self.project_scores(queries_t, k), v, residual)
+
+    def project_scores(self, queries_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Scaled scores ``B x heads x Nk x Nq`` of many queries given already projected
+        (``1 x heads x d x Nq``, see :meth:`attended_by_projected`) on a few keys ``k``."""
         b = k.shape[0]
-        d = self.internal_dim // self.num_heads
         # the scale folded into the few keys rather than applied to B x heads x Nk x Nq scores
-        kh = self.heads(self.k_proj(k)) / math.sqrt(d)  # B x heads x Nk x d
+        kh = self._scaled_heads(self.k_proj(k))  # B x heads x Nk x d
         scores = [kh[i : i + 1] @ queries_t for i in range(b)]  # 1 x heads x Nk x Nq each
-        scores_t = scores[0] if b == 1 else torch.cat(scores)
-        return self._few_keys_output(scores_t, v, residual)
+        return scores[0] if b == 1 else torch.cat(scores)
+
+    def _scaled_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Projected ``B x N x internal_dim`` -> ``B x heads x N x d`` times ``d^-1/2``."""
+        return self.heads(x) / math.sqrt(self.internal_dim // self.num_heads)
+
+    def attend_low_rank(
+        self,
+        q: torch.Tensor,
+        image: LowRankImage,
+        keys_t: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward` of a few queries ``B x Nq x C`` on ``k = image + PE``,
+        ``v = image``, the image tokens as a :class:`LowRankImage` whose image products are
+        ``keys_t`` and ``values`` (a :class:`LayerTerms`'). The keys' bias is a constant per
+        query, which the softmax ignores; the values' is added once, as each head's weights
+        sum to 1."""
+        b, nq, _ = q.shape
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        n, k = values.shape[1], image.left.shape[2]
+        qh = self._scaled_heads(self.q_proj(q))  # B x h x Nq x d
+        rk = (image.right @ self.k_proj.weight.t()).view(b, k, h, d)
+        g = torch.einsum("bhqd,bkhd->bhqk", qh, rk).reshape(b, h * nq, k)
+        scores = _bmm(g, image.left.transpose(1, 2)).view(b, h, nq, n)
+        _add_image_scores(scores, qh, keys_t, image.scale)
+        p = torch.softmax(scores, dim=-1)
+        pu = _bmm(p.view(b, h * nq, n), image.left).view(b, h, nq, k)
+        rv = (image.right @ self.v_proj.weight.t()).view(b, k, h, d)
+        o = torch.einsum("bhqk,bkhd->bhqd", pu, rv)
+        ps = p * image.scale.view(-1, 1, 1, n)
+        for i in range(b):  # item by item: a batch gives exactly its items' results
+            o[i] += torch.bmm(ps[i], values)
+        o += self.v_proj.bias.view(h, 1, d)
+        return self.out_proj(o.transpose(1, 2).reshape(b, nq, h * d))
+
+    def low_rank_scores(
+        self, image: LowRankImage, queries_t: torch.Tensor, k: torch.Tensor
+    ) -> torch.Tensor:
+        """Scaled scores ``B x heads x Nk x hw`` of the image tokens as queries (``q =
+        image + PE``, a :class:`LowRankImage` whose image products are ``queries_t``) on a
+        few keys ``k`` (``B x Nk x C``)."""
+        b, nk, _ = k.shape
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        n, r = queries_t.shape[2] // 2, image.left.shape[2]
+        kh = self._scaled_heads(self.k_proj(k))  # B x h x Nk x d
+        rq = (image.right @ self.q_proj.weight.t()).view(b, r, h, d)
+        g = torch.einsum("bhkd,brhd->bhkr", kh, rq).reshape(b, h * nk, r)
+        scores = _bmm(g, image.left.transpose(1, 2)).view(b, h, nk, n)
+        _add_image_scores(scores, kh, queries_t, image.scale)
+        return scores.add_(torch.einsum("bhkd,hd->bhk", kh, self.q_proj.bias.view(h, d))[..., None])
 
     def forward(
         self,
@@ -331,12 +578,9 @@ class Attention(nn.Module):
         """Scaled scores ``B x heads x Nk x Nq`` and values ``B x Nk x C`` (few) -> the
         output, ``sum_h A_h V_h Wo_h^T + bo`` (+ residual) in one product (into ``residual``
         with ``residual_inplace``, when it has the output's shape)."""
-        b, h, nk, nq = scores_t.shape
-        c, d = v.shape[2], self.internal_dim // h
-        vh = self.v_proj(v).view(b, nk, h, d)
-        attn = torch.softmax(scores_t, dim=2).view(b, h * nk, nq)
-        f = torch.einsum("bkhd,chd->bhkc", vh, self.out_proj.weight.view(c, h, d))
-        f = f.reshape(b, h * nk, c) + self.out_proj.bias / h
+        b, _, _, nq = scores_t.shape
+        c = v.shape[2]
+        attn, f = self._few_keys_factors(scores_t, v)
         if residual is None:
             return attn.transpose(1, 2) @ f
         if (
@@ -348,6 +592,18 @@ class Attention(nn.Module):
             return residual.baddbmm_(attn.transpose(1, 2), f)
         return torch.baddbmm(residual, attn.transpose(1, 2), f)
 
+    def _few_keys_factors(
+        self, scores_t: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of :meth:`_few_keys_output` as ``attn^T @ f``: the attention weights
+        ``B x heads*Nk x Nq`` and ``f = V_h Wo_h^T + bo / heads``, ``B x heads*Nk x C``."""
+        b, h, nk, nq = scores_t.shape
+        c, d = v.shape[2], self.internal_dim // h
+        vh = self.v_proj(v).view(b, nk, h, d)
+        attn = torch.softmax(scores_t, dim=2).view(b, h * nk, nq)
+        f = torch.einsum("bkhd,chd->bhkc", vh, self.out_proj.weight.view(c, h, d))
+        return attn, f.reshape(b, h * nk, c) + self.out_proj.bias / h
+
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for ``B x m x k`` and ``B x k x n`` where ``b``'s batch may be 1 (shared,
@@ -356,3 +612,25 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if b.shape[0] == 1 and a.shape[0] > 1:
         b = b.expand(a.shape[0], -1, -1)
     return torch.bmm(a, b)
+
+
+def _add_image_scores(
+    scores: torch.Tensor, qh: torch.Tensor, image_t: torch.Tensor, scale: torch.Tensor
+) -> None:
+    """``scores`` (``B x heads x Nq x hw``) += the few ``qh`` (``B x heads x Nq x d``) on
+    one image's projections ``image_t`` (``heads x d x 2hw``: the image's, scaled by
+    ``scale`` ``1|B x hw x 1`` per token, then its PE's), item by item."""
+    n = scores.shape[-1]
+    for i in range(scores.shape[0]):
+        both = torch.bmm(qh[i], image_t)  # heads x Nq x 2hw
+        s = scale[i if scale.shape[0] > 1 else 0].view(1, 1, n)
+        scores[i].addcmul_(both[..., :n], s).add_(both[..., n:])
+
+
+def _with_pe(
+    attn: Attention, e: torch.Tensor, pe: torch.Tensor, weight: torch.Tensor, diag: torch.Tensor
+) -> torch.Tensor:
+    """``[image * diag, PE]`` (``hw x C`` each) projected by ``weight`` into ``attn``'s
+    heads, ``heads x d x 2hw`` (see :class:`LayerTerms`)."""
+    both = torch.cat([e @ (weight * diag).t(), pe @ weight.t()])  # 2hw x internal_dim
+    return attn.heads(both.unsqueeze(0))[0].transpose(1, 2).contiguous()

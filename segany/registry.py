@@ -115,11 +115,11 @@ register_model(
 
 
 #: segany-lite: EfficientNet-Lite0 (ImageNet; late stages fine-tuned) + fusion neck + SAM
-#: prompt encoder and mask decoder with high-resolution features; 640 px input, 40 x 40 x 128
+#: prompt encoder and mask decoder with high-resolution features; 768 px input, 48 x 48 x 128
 #: embedding. The decoder is SAM's at width 128 (not 256): 6x cheaper to train on 2 CPU cores
 #: (measured).
 SEGANY_LITE_CONFIG = SamConfig(
-    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=640, out_chans=128, neck_blocks=4),
+    image_encoder=LiteEncoderConfig(backbone="lite0", img_size=768, out_chans=128, neck_blocks=4),
     prompt_encoder=PromptEncoderConfig(high_res_prompt=True),
     mask_decoder=MaskDecoderConfig(
         transformer_mlp_dim=1024, iou_head_hidden_dim=128, use_high_res_features=True
@@ -131,7 +131,7 @@ register_model(
     ModelSpec(
         "segany-lite",
         SEGANY_LITE_CONFIG,
-        "segany's own offline model (Lite0, 640 px; see MODEL_CARD.md)",
+        "segany's own offline model (Lite0, 768 px; see MODEL_CARD.md)",
         bundled="segany_lite.safetensors",
         # from benchmarks/tune_amg_thresholds.py --f1-tolerance 0.01 (F1 at mask IoU 0.5 on
         # the 14 held-out COCO_panoptic200 images; docs/amg_thresholds_segany_lite.json): its

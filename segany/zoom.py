@@ -1,6 +1,6 @@
 """Zoom-in refinement: later clicks are predicted on a crop around the object.
 
-A model sees the whole image at its input size (1024 px for SAM, 640 px for segany-lite), so a
+A model sees the whole image at its input size (1024 px for SAM, 768 px for segany-lite), so a
 small object, or the boundary of a large one, gets few embedding cells. Interactive methods
 since RITM (and FocalClick, FocSAM) therefore predict the corrective clicks on a crop around
 the object, resized to the model's input: the same model, more pixels per object. RITM's

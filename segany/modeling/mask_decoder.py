@@ -290,11 +290,8 @@ class MaskDecoder(nn.Module):
         )
         first = None if src_with_pe is None else self._first_layer_terms(src, src_with_pe)
         keys: torch.Tensor | LowRankImage
-        low = None
-        if first is not None and src_with_pe is not None:
-            low = self._low_rank_terms(src, pe_tokens, tokens.shape[1])
-        if low is not None:
-            assert first is not None
+        low = None if first is None else self._low_rank_terms(src, pe_tokens, tokens.shape[1])
+        if low is not None and first is not None:
             hs, keys = self.transformer.forward_low_rank(src, tokens, first, low[0])
         else:
             hs, keys = self.transformer(src, pe_tokens, tokens, src_with_pe, first)  # B x hw x C
@@ -428,7 +425,8 @@ class MaskDecoder(nn.Module):
 
         def compute() -> tuple[list[LayerTerms], torch.Tensor]:
             w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, c)
-            return tf.low_rank_terms(src, pe), src @ (w1 * tf.final_diag()).t()
+            terms, diag = tf.low_rank_terms(src, pe)
+            return terms, src @ (w1 * diag).t()
 
         return self._memo("_low_rank_cache", key, compute)
 

@@ -88,45 +88,26 @@ class TwoWayTransformer(nn.Module):
         """The layers, typed."""
         return [cast(TwoWayAttentionBlock, b) for b in self.layers]
 
-    def low_rank_terms(self, src: torch.Tensor, pe: torch.Tensor) -> list[LayerTerms]:
+    def low_rank_terms(
+        self, src: torch.Tensor, pe: torch.Tensor
+    ) -> tuple[list[LayerTerms], torch.Tensor]:
         """The products of one image (``src``, its ``pe``: ``1 x hw x C`` tokens) that
         :meth:`forward_low_rank` needs, one :class:`LayerTerms` per layer after the first, then
         the final attention's: the image projected by each attention's image-side weights,
         with the LayerNorm weights that scale it by then folded in (see
-        :class:`LowRankImage`). Computed once per image, for every prompt on it."""
+        :class:`LowRankImage`). Also the product of all the layers' last LayerNorm weights,
+        which scales the image term of the output. Computed once per image, for every prompt
+        on it."""
         e, p = src[0], pe[0]
         terms = []
         diag = torch.ones_like(e[0])
         for i, layer in enumerate(self.blocks()):
             if i:
-                t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-                wk, wq, wv = t2i.k_proj.weight, i2t.q_proj.weight, t2i.v_proj.weight
-                terms.append(
-                    LayerTerms(
-                        keys_t=_with_pe(t2i, e, p, wk, diag),
-                        values=t2i.heads((e @ (wv * diag).t()).unsqueeze(0))[0],
-                        queries_t=_with_pe(i2t, e, p, wq, diag),
-                    )
-                )
+                t2i = layer.cross_attn_token_to_image
+                terms.append(_layer_terms(t2i, layer.cross_attn_image_to_token, e, p, diag))
             diag = diag * layer.norm4.weight
-        final = self.final_attn_token_to_image
-        terms.append(
-            LayerTerms(
-                keys_t=_with_pe(final, e, p, final.k_proj.weight, diag),
-                values=final.heads((e @ (final.v_proj.weight * diag).t()).unsqueeze(0))[0],
-                queries_t=None,
-            )
-        )
-        return terms
-
-    def final_diag(self) -> torch.Tensor:
-        """The product of the layers' last LayerNorm weights: what scales the image term of
-        :meth:`forward_low_rank`'s output (see :class:`LowRankImage`)."""
-        blocks = self.blocks()
-        diag = torch.ones_like(blocks[0].norm4.weight)
-        for layer in blocks:
-            diag = diag * layer.norm4.weight
-        return diag
+        terms.append(_layer_terms(self.final_attn_token_to_image, None, e, p, diag))
+        return terms, diag
 
     def forward_low_rank(
         self,
@@ -456,11 +437,7 @@ class Attention(nn.Module):
         h, d = self.num_heads, self.internal_dim // self.num_heads
         n, k = values.shape[1], image.left.shape[2]
         qh = self._scaled_heads(self.q_proj(q))  # B x h x Nq x d
-        rk = (image.right @ self.k_proj.weight.t()).view(b, k, h, d)
-        g = torch.einsum("bhqd,bkhd->bhqk", qh, rk).reshape(b, h * nq, k)
-        scores = _bmm(g, image.left.transpose(1, 2)).view(b, h, nq, n)
-        _add_image_scores(scores, qh, keys_t, image.scale)
-        p = torch.softmax(scores, dim=-1)
+        p = torch.softmax(_image_scores(qh, image, self.k_proj.weight, keys_t), dim=-1)
         pu = _bmm(p.view(b, h * nq, n), image.left).view(b, h, nq, k)
         rv = (image.right @ self.v_proj.weight.t()).view(b, k, h, d)
         o = torch.einsum("bhqk,bkhd->bhqd", pu, rv)
@@ -476,14 +453,9 @@ class Attention(nn.Module):
         """Scaled scores ``B x heads x Nk x hw`` of the image tokens as queries (``q =
         image + PE``, a :class:`LowRankImage` whose image products are ``queries_t``) on a
         few keys ``k`` (``B x Nk x C``)."""
-        b, nk, _ = k.shape
         h, d = self.num_heads, self.internal_dim // self.num_heads
-        n, r = queries_t.shape[2] // 2, image.left.shape[2]
         kh = self._scaled_heads(self.k_proj(k))  # B x h x Nk x d
-        rq = (image.right @ self.q_proj.weight.t()).view(b, r, h, d)
-        g = torch.einsum("bhkd,brhd->bhkr", kh, rq).reshape(b, h * nk, r)
-        scores = _bmm(g, image.left.transpose(1, 2)).view(b, h, nk, n)
-        _add_image_scores(scores, kh, queries_t, image.scale)
+        scores = _image_scores(kh, image, self.q_proj.weight, queries_t)
         return scores.add_(torch.einsum("bhkd,hd->bhk", kh, self.q_proj.bias.view(h, d))[..., None])
 
     def forward(
@@ -614,17 +586,37 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
-def _add_image_scores(
-    scores: torch.Tensor, qh: torch.Tensor, image_t: torch.Tensor, scale: torch.Tensor
-) -> None:
-    """``scores`` (``B x heads x Nq x hw``) += the few ``qh`` (``B x heads x Nq x d``) on
-    one image's projections ``image_t`` (``heads x d x 2hw``: the image's, scaled by
-    ``scale`` ``1|B x hw x 1`` per token, then its PE's), item by item."""
-    n = scores.shape[-1]
-    for i in range(scores.shape[0]):
-        both = torch.bmm(qh[i], image_t)  # heads x Nq x 2hw
+def _image_scores(
+    xh: torch.Tensor, image: LowRankImage, weight: torch.Tensor, image_t: torch.Tensor
+) -> torch.Tensor:
+    """Scores ``B x heads x N x hw`` of a few tokens ``xh`` (``B x heads x N x d``, scaled)
+    on ``(image + PE) weight^T`` (no bias), the image tokens as a :class:`LowRankImage` whose
+    image products are ``image_t`` (``heads x d x 2hw``: the image's, to be scaled per token,
+    then its PE's): the low-rank term's product, then the image's item by item."""
+    b, h, nx, d = xh.shape
+    k, n = image.left.shape[2], image_t.shape[2] // 2
+    rw = (image.right @ weight.t()).view(b, k, h, d)
+    g = torch.einsum("bhxd,bkhd->bhxk", xh, rw).reshape(b, h * nx, k)
+    scores = _bmm(g, image.left.transpose(1, 2)).view(b, h, nx, n)
+    scale = image.scale
+    for i in range(b):
+        both = torch.bmm(xh[i], image_t)  # heads x N x 2hw
         s = scale[i if scale.shape[0] > 1 else 0].view(1, 1, n)
         scores[i].addcmul_(both[..., :n], s).add_(both[..., n:])
+    return scores
+
+
+def _layer_terms(
+    t2i: Attention, i2t: Attention | None, e: torch.Tensor, pe: torch.Tensor, diag: torch.Tensor
+) -> LayerTerms:
+    """A :class:`LayerTerms` of the image ``e`` (times ``diag``) and its ``pe``, ``hw x C``:
+    for the token->image attention ``t2i`` and, when given, the image->token one ``i2t``."""
+    values = e @ (t2i.v_proj.weight * diag).t()
+    return LayerTerms(
+        keys_t=_with_pe(t2i, e, pe, t2i.k_proj.weight, diag),
+        values=t2i.heads(values.unsqueeze(0))[0],
+        queries_t=None if i2t is None else _with_pe(i2t, e, pe, i2t.q_proj.weight, diag),
+    )
 
 
 def _with_pe(

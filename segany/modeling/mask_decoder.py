@@ -414,8 +414,9 @@ class MaskDecoder(nn.Module):
         if not all(a.fused and a._plain_linears() for a in attns):
             return None
         c = src.shape[2]
-        # Measured (2 threads): ViT-B (C 256) gains 8-10 % at rank 116-164 (1-4 clicks);
-        # segany-lite (C 128) loses 10 % at rank 116.
+        # Measured (2 threads): ViT-B (C 256) gains 4-10 % at rank 116-164 (1-4 clicks,
+        # benchmarks/decode_low_rank.py); segany-lite (C 128) lost 10 % at rank 116 (a
+        # one-off run with this gate bypassed).
         if 4 * len(tf.layers) * (tf.num_heads * n_tokens + 2) > 3 * c:
             return None
         dc1 = self.output_upscaling[0]

@@ -373,6 +373,36 @@ def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch,
     assert total.requires_grad
 
 
+def test_first_round_weight_weighs_round_zero_apart(cache_dir, tmp_path, monkeypatch):
+    """``first_round_weight`` w: total = w x round 0's loss + the mean of the corrective
+    rounds' losses (same seed, same clicks as without it); only with ``loss_every_round``."""
+    import segany.train.trainer as T
+
+    seen: list[float] = []
+    real = T.sam_loss
+
+    def counting(*args, **kwargs):
+        loss, st = real(*args, **kwargs)
+        seen.append(float(loss))
+        return loss, st
+
+    monkeypatch.setattr(T, "sam_loss", counting)
+    for w, rounds in ((3.0, 3), (0.5, 0)):
+        cfg = _config(cache_dir, tmp_path / f"run{w}", loss_every_round=True, first_round_weight=w)
+        tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+        feats, gts, valid = tr._load(*tr._sample_batch(tr.train_idx))
+        emb, hr = tr._embed(feats, cfg.masks_per_image)
+        seen.clear()
+        total, _, _ = tr._rollout(emb, hr, gts, valid, rounds, train=True, kind="box")
+        assert len(seen) == rounds + 1
+        rest = sum(seen[1:]) / rounds if rounds else 0.0
+        assert float(total) == pytest.approx(w * seen[0] + rest, rel=1e-5)
+    with pytest.raises(ValueError, match="first_round_weight"):
+        _config(cache_dir, tmp_path / "x", first_round_weight=1.0)
+    with pytest.raises(ValueError, match="first_round_weight"):
+        _config(cache_dir, tmp_path / "y", loss_every_round=True, first_round_weight=-1.0)
+
+
 def test_click_weight_adds_the_click_term(cache_dir, tmp_path, monkeypatch):
     """With ``click_weight`` each round with a gradient and clicks adds weight x click_loss;
     rounds without clicks (a box first) add nothing; the obeyed share is reported."""

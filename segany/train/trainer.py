@@ -68,6 +68,10 @@ class TrainConfig:
     #: loss (and gradient) on every round, not only round 0 and the last: more signal for the
     #: single-mask token that refinement uses, at the cost of a backward pass per round
     loss_every_round: bool = False
+    #: with ``loss_every_round``: the weight of round 0's loss (the first point, box or rough
+    #: mask, which the first-click and box figures measure), the corrective rounds sharing a
+    #: weight of 1 between them; None: every round weighs the same, 2 / (rounds + 1)
+    first_round_weight: float | None = None
     prompt_probs: tuple[float, float, float] = (0.55, 0.3, 0.15)  #: point, box, rough mask
     center_click_prob: float = 0.5  #: innermost-error clicks vs uniform error clicks
     min_mask_pixels: int = 16  #: masks smaller than this (at the mask frame) are not sampled
@@ -151,8 +155,13 @@ class TrainConfig:
         if self.backbone_lr_scale == 0 and self.train_backbone_after is None:
             raise ValueError("backbone_lr_scale 0 freezes the tail of 'train_backbone_after', "
                              "which is not set (what trains is 'trainable')")  # fmt: skip
-        for name in ("iou_weight", "iou_rank_weight", "click_weight"):
+        if self.first_round_weight is not None and not self.loss_every_round:
+            raise ValueError("'first_round_weight' is a setting of 'loss_every_round' (without "
+                             "it round 0 and the last round weigh 1 each)")  # fmt: skip
+        for name in ("iou_weight", "iou_rank_weight", "click_weight", "first_round_weight"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if not 0 <= self.merge_objects_prob <= 1:
@@ -280,7 +289,8 @@ class TrainerBase:
         center_prob: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, float], list[float]]:
         """Round 0 + ``n_rounds`` corrective rounds; loss on round 0 and the last round (on
-        every round with ``loss_every_round``, rescaled to the weight of two rounds)."""
+        every round with ``loss_every_round``, rescaled to the weight of two rounds, or round 0
+        weighing ``first_round_weight`` and the corrective rounds 1 together)."""
         cfg = self.cfg
         dev = self.device
         n = len(gts)
@@ -304,6 +314,7 @@ class TrainerBase:
                 np.stack([noisy_mask_logits(g, self.rng, low) for g in gts])[:, None]
             ).to(dev)
         total = torch.zeros((), device=dev)
+        first = torch.zeros((), device=dev)  # round 0's loss, weighed apart with first_round_weight
         stats: dict[str, float] = {}
         ious: list[float] = []
         prev_low = None
@@ -328,7 +339,10 @@ class TrainerBase:
                         closs = click_loss(logits, xy, lab).mean()
                         loss = loss + cfg.click_weight * closs
                         st["click"] = float(closs.detach())
-                    total = total + loss
+                    if r == 0:
+                        first = loss
+                    else:
+                        total = total + loss
                     for k, v in st.items():
                         stats[f"r{0 if r == 0 else 'last'}_{k}"] = v
             with torch.no_grad():
@@ -352,8 +366,12 @@ class TrainerBase:
                         nxt = initial_click(gts[j], self.rng, 1.0)
                     clicks[j].append((nxt.x, nxt.y, int(nxt.positive)))
                 mask_in = prev_low
-        if train and cfg.loss_every_round and n_rounds > 1:
-            total = total * (2.0 / (n_rounds + 1))
+        if train and cfg.loss_every_round and cfg.first_round_weight is not None:
+            total = cfg.first_round_weight * first + total / max(n_rounds, 1)
+        elif train and cfg.loss_every_round and n_rounds > 1:
+            total = (first + total) * (2.0 / (n_rounds + 1))
+        else:
+            total = first + total
         return total, stats, ious
 
     def _frame_clicks(self, clicks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,8 +51,9 @@ def _scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
 #: mask sat inside the ellipse, missing a rim of a few pixels); stage 9 0.86/0.90,
 #: 0.88/0.87, 0.85/0.85; stage 11 0.88/0.89, 0.85/0.87, 0.83/0.85; stage 12
 #: 0.89/0.90, 0.88/0.89, 0.87/0.87; stage 13 (640 px) 0.89/0.91, 0.92/0.91, 0.90/0.90;
-#: stage 14 (high-res prompt branch) 0.84/0.90, 0.89/0.90, 0.89/0.89; stage 18 (shipped,
-#: 768 px) 0.81/0.87, 0.89/0.87, 0.89/0.87 (benchmarks/record_bundled_check.py prints them).
+#: stage 14 (high-res prompt branch) 0.84/0.90, 0.89/0.90, 0.89/0.89; stage 18 (768 px)
+#: 0.81/0.87, 0.89/0.87, 0.89/0.87; stage 19 (shipped) 0.91/0.85, 0.89/0.88, 0.89/0.87
+#: (benchmarks/record_bundled_check.py prints them).
 #: A broken model scores near 0.
 OBVIOUS_IOU = 0.8
 

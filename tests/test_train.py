@@ -347,12 +347,11 @@ def test_validation_follows_val_every_not_only_log_steps(cache_dir, tmp_path):
     assert [(r["step"], "val_miou@1" in r) for r in log] == [(3, True), (4, False), (6, True)]
 
 
-@pytest.mark.parametrize("every", [False, True])
-def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch, every):
+def _spy_sam_loss(monkeypatch) -> list[float]:
+    """The trainer's ``sam_loss`` made to also append each loss it returns to the list
+    returned here."""
     import segany.train.trainer as T
 
-    cfg = _config(cache_dir, tmp_path / "run", loss_every_round=every)
-    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
     seen: list[float] = []
     real = T.sam_loss
 
@@ -362,6 +361,14 @@ def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch,
         return loss, st
 
     monkeypatch.setattr(T, "sam_loss", counting)
+    return seen
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch, every):
+    cfg = _config(cache_dir, tmp_path / "run", loss_every_round=every)
+    tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))
+    seen = _spy_sam_loss(monkeypatch)
     imgs, mask_ids, flips = tr._sample_batch(tr.train_idx)
     feats, gts, valid = tr._load(imgs, mask_ids, flips)
     emb, hr = tr._embed(feats, cfg.masks_per_image)
@@ -376,17 +383,7 @@ def test_loss_on_every_round_or_first_and_last(cache_dir, tmp_path, monkeypatch,
 def test_first_round_weight_weighs_round_zero_apart(cache_dir, tmp_path, monkeypatch):
     """``first_round_weight`` w: total = w x round 0's loss + the mean of the corrective
     rounds' losses (same seed, same clicks as without it); only with ``loss_every_round``."""
-    import segany.train.trainer as T
-
-    seen: list[float] = []
-    real = T.sam_loss
-
-    def counting(*args, **kwargs):
-        loss, st = real(*args, **kwargs)
-        seen.append(float(loss))
-        return loss, st
-
-    monkeypatch.setattr(T, "sam_loss", counting)
+    seen = _spy_sam_loss(monkeypatch)
     for w, rounds in ((3.0, 3), (0.5, 0)):
         cfg = _config(cache_dir, tmp_path / f"run{w}", loss_every_round=True, first_round_weight=w)
         tr = Trainer(build_training_model(cfg), cfg, FeatureCache(cache_dir))

@@ -11,7 +11,10 @@ prints the same on the first N val/DAVIS instances (reported, never used to choo
 zoom-in with test-time flips), the settings of ``segany eval --zoom-in [--flip]`` unless
 ``--expansion``, ``--min-crop`` or ``--zoom-boxes`` change them; ``--img-size`` runs the
 weights at another input size (segany-lite: no weight depends on it); ``--sets`` keeps some
-sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse).
+sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse); ``--refine
+off`` turns the Predictor's mask refinement off (default auto: on for segany-lite),
+``--refine-radius`` / ``--refine-eps`` / ``--keep-clicks`` set it (how its defaults were
+chosen).
 
     .venv/bin/python benchmarks/heldout_interactive.py \
         stage2=old.safetensors stage3=artifacts/segany_lite_stage3/model.safetensors
@@ -32,6 +35,7 @@ from segany.build import instantiate
 from segany.data import DavisDataset, ManifestDataset, MaskDataset, load_sample
 from segany.evaluate import evaluate_interactive, mask_iou, next_click
 from segany.modeling.sam import Sam
+from segany.refine import GuidedRefiner
 from segany.zoom import ZoomInPredictor
 
 DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
@@ -87,6 +91,12 @@ def main() -> None:
     ap.add_argument("--sets", help="comma list of train sets to keep (default: all)")
     ap.add_argument("--zoom-in", action="store_true", help="add a ZoomInPredictor row")
     ap.add_argument("--flip", action="store_true", help="add a zoom-in + flip row")
+    ap.add_argument(
+        "--refine", choices=["auto", "on", "off"], default="auto", help="Predictor mask refinement"
+    )
+    ap.add_argument("--refine-radius", type=float, help="refinement window, mask cells")
+    ap.add_argument("--refine-eps", type=float, help="refinement regulariser")
+    ap.add_argument("--keep-clicks", action="store_true", help="refinement keeps the clicks")
     ap.add_argument("--expansion", type=float, default=2.0, help="zoom-in crop growth")
     ap.add_argument("--min-crop", type=float, default=0.3, help="zoom-in shortest crop side")
     ap.add_argument("--zoom-boxes", action="store_true", help="zoom-in: boxes on a crop too")
@@ -96,6 +106,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     keep = set(args.sets.split(",")) if args.sets else None
+    refine: object = {"auto": "auto", "on": True, "off": False}[args.refine]
+    if args.refine_radius is not None or args.refine_eps is not None or args.keep_clicks:
+        given = {
+            "radius": args.refine_radius,
+            "eps": args.refine_eps,
+            "keep_clicks": args.keep_clicks or None,
+        }
+        refine = GuidedRefiner(**{k: v for k, v in given.items() if v is not None})
     held = held_out_images(Path(args.config))
     train = ROOT.parent / "shared" / "data" / "train"
     samples = [
@@ -110,7 +128,9 @@ def main() -> None:
     ds = MaskDataset(samples, check_files=False)
     results = {}
     for name, weights in (m.split("=", 1) for m in args.models):
-        predictor = Predictor(at_input_size(build_model(checkpoint=weights), args.img_size))
+        predictor = Predictor(
+            at_input_size(build_model(checkpoint=weights), args.img_size), refine=refine
+        )
         rank = first_click_ranking(predictor, samples)
         print(
             f"{name}: first click, candidate " + "  ".join(f"{k} {v:.3f}" for k, v in rank.items())
@@ -127,7 +147,7 @@ def main() -> None:
         if args.zoom_in:
             rows.append((f"{name} +zoom-in", ZoomInPredictor(predictor, **zoom)))
         if args.flip:
-            flipped = ZoomInPredictor(Predictor(predictor.model), flip=True, **zoom)
+            flipped = ZoomInPredictor(Predictor(predictor.model, refine=refine), flip=True, **zoom)
             rows.append((f"{name} +zoom-in +flip", flipped))
         for row, pred in rows:
             r = evaluate_interactive(pred, ds, max_clicks=args.clicks)

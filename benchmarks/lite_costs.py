@@ -11,10 +11,14 @@
 * ``everything``: "segment everything" at 640 px on the first ``--photos`` photos (the
   model's settings) with the branch's frames made for every prompt of a batch and for the
   prompts whose masks get upscaled only (``Sam.fast_high_res_prompt``); checks the masks match.
+* ``refine``: one click (3 candidates) and one refinement with the mask refinement on the
+  photo's edges (``segany.refine``) and off, on a photo at 854 (DAVIS's size), 1024 and
+  4000 x 2250 px; the first refined click (which makes the guide's terms) apart, and the
+  process's peak memory growth on the 4000-px photo.
 
 Prints medians; alternates the compared settings.
 
-    .venv/bin/python benchmarks/lite_costs.py thresholds branch zoom everything
+    .venv/bin/python benchmarks/lite_costs.py thresholds branch zoom everything refine
 """
 
 from __future__ import annotations
@@ -132,6 +136,40 @@ def _branch_on_image(
         print(f"{name}  {kind}: with the branch {with_b} ms, without {without} ms")
 
 
+def refine(model: torch.nn.Module, n: int) -> None:
+    import resource
+
+    photo = sorted((DAVIS / "images").glob("*.jpg"))[0]
+    for longest in (854, 1024, 4000):
+        image = _photo(photo, longest)
+        h, w = image.shape[:2]
+        first, second = np.array([[w / 2, h / 2]]), np.array([[w / 2, h / 2], [w / 4, h / 3]])
+        preds = {on: Predictor(model, refine=on) for on in (True, False)}
+        for p in preds.values():
+            p.set_image(image)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        low = preds[True].predict(first, np.array([1]))[2][:1]
+        made = 1000 * (time.perf_counter() - t)
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+        res: dict[tuple[str, bool], list[float]] = {}
+        for _ in range(2):  # alternating, twice
+            for on, p in preds.items():
+                calls = {
+                    "click": functools.partial(p.predict, first, np.array([1])),
+                    "refinement": functools.partial(
+                        p.predict, second, np.array([1, 0]), None, low, False
+                    ),
+                }
+                for kind, fn in calls.items():
+                    res.setdefault((kind, on), []).append(_median_ms(fn, n))
+        for kind in ("click", "refinement"):
+            on = ", ".join(f"{v:.1f}" for v in res[(kind, True)])
+            off = ", ".join(f"{v:.1f}" for v in res[(kind, False)])
+            print(f"{w} x {h}  {kind}: refined {on} ms, as decoded {off} ms")
+        print(f"{w} x {h}  first refined click {made:.0f} ms, peak memory +{grew:.0f} MiB")
+
+
 def zoom(model: torch.nn.Module, n: int) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*httpx2.*")
@@ -177,7 +215,9 @@ def zoom(model: torch.nn.Module, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="+", choices=["thresholds", "branch", "zoom", "everything"])
+    ap.add_argument(
+        "what", nargs="+", choices=["thresholds", "branch", "zoom", "everything", "refine"]
+    )
     ap.add_argument("--photos", type=int, default=3, help="thresholds, everything: first N photos")
     ap.add_argument(
         "--thresholds",
@@ -187,7 +227,9 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=3, help="thresholds, everything: runs per setting"
     )
-    ap.add_argument("--calls", type=int, default=30, help="branch / zoom: calls per median")
+    ap.add_argument(
+        "--calls", type=int, default=30, help="branch / zoom / refine: calls per median"
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model().eval()
@@ -196,6 +238,8 @@ def main() -> None:
         thresholds(model, pairs, args.photos, args.repeats)  # type: ignore[arg-type]
     if "branch" in args.what:
         branch(model, args.calls)
+    if "refine" in args.what:
+        refine(model, args.calls)
     if "zoom" in args.what:
         zoom(model, max(5, args.calls // 3))
     if "everything" in args.what:

@@ -6,6 +6,8 @@ on this machine: encoding a 1024-px photo, decoding one prompt, "segment everyth
 with :class:`segany.zoom.ZoomInPredictor` (clicks after the first and the first click's second
 pass on a crop around the object) and ``--flip`` with test-time flips on top, each with
 its seconds per prediction; the targets are checked on the plain predictor and on the best row.
+``--refine on|off`` sets the Predictor's mask refinement (default auto: on for segany-lite);
+``--also-unrefined`` adds a row of the plain predictor with it off.
 
     .venv/bin/python benchmarks/lite_targets.py --checkpoint artifacts/segany_lite_run/model.safetensors
     .venv/bin/python benchmarks/lite_targets.py --zoom-in --flip --no-grabcut
@@ -38,11 +40,12 @@ def _photo(path: Path, longest: int) -> np.ndarray:
     return cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
 
 
-def speed(model, photo_path: Path, repeats: int) -> dict[str, float]:
+def speed(model, photo_path: Path, repeats: int, refine="auto") -> dict[str, float]:
     """Medians on a real photo: encoding at 1024 px (resize included), one click decoded to
-    the original size, "segment everything" at 640 px with the default generator settings."""
+    the original size (mask refinement included, as ``refine``), "segment everything" at
+    640 px with the default generator settings."""
     photo = _photo(photo_path, 1024)
-    pred = Predictor(model)
+    pred = Predictor(model, refine=refine)
     enc = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -113,6 +116,8 @@ def main() -> None:
     )
     ap.add_argument("--zoom-in", action="store_true", help="add a ZoomInPredictor row")
     ap.add_argument("--flip", action="store_true", help="add a zoom-in + test-time flip row")
+    ap.add_argument("--refine", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--also-unrefined", action="store_true", help="add a row with refine off")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="artifacts/lite_targets.json")
     ap.add_argument("--plot", default="artifacts/lite_targets_miou.png")
@@ -120,14 +125,20 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
     ds = DavisDataset(args.data)
-    reports = {"segany-lite": evaluate_interactive(Predictor(model), ds, limit=args.limit)}
+    refine = {"auto": "auto", "on": True, "off": False}[args.refine]
+    plain = Predictor(model, refine=refine)
+    reports = {"segany-lite": evaluate_interactive(plain, ds, limit=args.limit)}
     print(json.dumps({"segany-lite": _summary(reports["segany-lite"]["per_instance"])}))
+    if args.also_unrefined:
+        row = "segany-lite refine off"
+        reports[row] = evaluate_interactive(Predictor(model, refine=False), ds, limit=args.limit)
+        print(json.dumps({row: _summary(reports[row]["per_instance"])}))
     if args.zoom_in:
-        zoom = ZoomInPredictor(Predictor(model))
+        zoom = ZoomInPredictor(Predictor(model, refine=refine))
         reports["segany-lite +zoom-in"] = evaluate_interactive(zoom, ds, limit=args.limit)
         print(json.dumps({"+zoom-in": _summary(reports["segany-lite +zoom-in"]["per_instance"])}))
     if args.flip:
-        zoom = ZoomInPredictor(Predictor(model), flip=True)
+        zoom = ZoomInPredictor(Predictor(model, refine=refine), flip=True)
         reports["segany-lite +zoom-in +flip"] = evaluate_interactive(zoom, ds, limit=args.limit)
     if args.grabcut_report:
         gc = json.loads(Path(args.grabcut_report).read_text())
@@ -140,9 +151,11 @@ def main() -> None:
     if grabcut:  # segany-lite on exactly the instances GrabCut saw
         n = grabcut[0]
         result[f"segany-lite (first {n})"] = _summary(reports["segany-lite"]["per_instance"][:n])
-    result["speed"] = speed(model, Path(args.data) / "images" / "001.jpg", args.repeats)
+    result["speed"] = speed(model, Path(args.data) / "images" / "001.jpg", args.repeats, refine)
     print(json.dumps(result, indent=2))
-    rows = [k for k in result if k.startswith("segany-lite") and "(first" not in k]
+    rows = [
+        k for k in result if k.startswith("segany-lite") and "(first" not in k and "off" not in k
+    ]
     best = min(rows, key=lambda k: result[k]["noc90"])
     targets = {
         "noc90 <= 8": result["segany-lite"]["noc90"] <= 8,

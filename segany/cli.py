@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode the clicks a second time on a crop around the best mask, encoded at the "
         "model's input size (sharper boundaries; segany.ZoomInPredictor); one object only",
     )
+    _refine_arg(s)
     _model_args(s)
 
     a = sub.add_parser(
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average every prediction with that of the mirrored image (test-time flip)",
     )
+    _refine_arg(g)
     g = e.add_argument_group("everything and box")
     g.add_argument("--overlays", help="folder for ground truth | prediction PNGs of a few images")
     g.add_argument("--n-overlays", type=int, default=8, help="images with an overlay (default 8)")
@@ -330,7 +332,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.zoom_in and len(args.box) > 1:
         raise CliError("--zoom-in refines one object: give points and/or one --box")
     image = _load_image(args.image, args)
-    predictor: Any = Predictor(_load_model(args))
+    predictor: Any = Predictor(_load_model(args), refine=_REFINE[args.refine])
     if args.zoom_in:
         from .zoom import ZoomInPredictor
 
@@ -598,7 +600,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         name = "GrabCut"
     else:
         model = _load_model(args)
-        predictor = Predictor(model)
+        predictor = Predictor(model, refine=_REFINE[args.refine])
         name = args.model or (Path(args.checkpoint).stem if args.checkpoint else "segany-lite")
         if args.zoom_in or args.flip:
             from .zoom import ZoomInPredictor
@@ -625,6 +627,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"({report['n_instances']} instances) -> {args.output}"
     )
     return 0
+
+
+_REFINE: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False}
+
+
+def _refine_arg(parser: Any) -> None:
+    parser.add_argument(
+        "--refine",
+        choices=list(_REFINE),
+        default="auto",
+        help="snap mask boundaries onto the photo's edges (guided filter, segany.refine); "
+        "auto (default): for segany-lite models, not for official SAM checkpoints",
+    )
 
 
 def _eval_ap(args: argparse.Namespace, dataset: Any, model: Any, predictor: Any, name: str) -> int:

@@ -28,13 +28,23 @@ ArrayLike = Any
 class Predictor:
     """Stateful wrapper around a stateless :class:`~segany.modeling.Sam`."""
 
-    def __init__(self, sam_model: Sam, backend: str | Any = "torch") -> None:
+    def __init__(
+        self, sam_model: Sam, backend: str | Any = "torch", refine: str | bool | Any = "auto"
+    ) -> None:
         """``backend``: "torch" (default), "onnxruntime" (exports the model to ONNX once and
         runs its encoder and decoder with ONNX Runtime; needs the ``onnx`` extra), or an
         object with the ``encode``/``decode`` methods of
-        :class:`segany.export.OnnxRuntimeBackend` (e.g. one opened from an export folder)."""
+        :class:`segany.export.OnnxRuntimeBackend` (e.g. one opened from an export folder).
+
+        ``refine``: snap the returned masks onto the photo's edges with
+        :class:`segany.refine.GuidedRefiner` (the low-res logits are left as decoded).
+        "auto" (default): for segany-lite models only, so official SAM checkpoints give the
+        reference's masks; True / False; or a :class:`~segany.refine.GuidedRefiner` whose
+        settings are copied (``predictor.refiner`` is this predictor's own). It
+        needs the photo: after :meth:`load_embedding`, pass it to :meth:`set_guide_image`."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.refiner = _make_refiner(sam_model, refine)
         self.backend: Any = None
         if backend == "onnxruntime":
             from .export.onnx_backend import OnnxRuntimeBackend
@@ -64,6 +74,21 @@ class Predictor:
         self.input_w: int | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
+        if self.refiner is not None:
+            self.refiner.reset()
+
+    def set_guide_image(self, image: np.ndarray) -> None:
+        """Gives the refiner (``refine``) the ``H x W x 3`` uint8 photo of the current
+        embedding, e.g. after :meth:`load_embedding`; :meth:`set_image` does it itself."""
+        self._require_image()
+        if self.refiner is None:
+            return
+        if image.ndim != 3 or tuple(image.shape[:2]) != self.original_size:
+            raise ValueError(
+                f"guide image of shape {image.shape} does not match the embedded image's "
+                f"size {self.original_size}"
+            )
+        self.refiner.set_image(image)
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Encodes an ``H x W x 3`` uint8 image (``image_format`` "RGB" or "BGR")."""
@@ -77,6 +102,7 @@ class Predictor:
         resized = self.transform.apply_image(np.ascontiguousarray(image))
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
         self.set_torch_image(tensor[None], (int(image.shape[0]), int(image.shape[1])))
+        self.set_guide_image(image)  # channel order does not matter to the filter
 
     @torch.no_grad()
     def set_torch_image(
@@ -431,10 +457,29 @@ class Predictor:
                 raise ValueError("point_labels must be supplied with point_coords")
             points = (point_coords, point_labels)
         low_res, iou = self.decode_low_res(points, boxes, mask_input, multimask_output)
-        threshold = None if return_logits else self.model.mask_threshold
+        refiner = self.refiner if self.refiner is not None and self.refiner.has_image else None
+        threshold = None if return_logits or refiner is not None else self.model.mask_threshold
         masks = self.model.postprocess_masks(
             low_res, self.input_size, self.original_size, threshold=threshold
         )
+        if refiner is not None:
+            clicks = {}
+            if points is not None and refiner.keep_clicks:  # back to image pixels
+                scale = torch.tensor(
+                    [
+                        self.original_size[1] / self.input_size[1],
+                        self.original_size[0] / self.input_size[0],
+                    ]
+                )
+                clicks = {
+                    "points": (points[0].detach().float().cpu() * scale).numpy(),
+                    "labels": points[1].detach().cpu().numpy(),
+                }
+            threshold = None if return_logits else self.model.mask_threshold
+            refined = refiner.refine(
+                masks.detach().float().cpu().numpy(), **clicks, threshold=threshold
+            )
+            masks = torch.from_numpy(refined).to(masks.device)
         return masks, iou, low_res
 
     def decode_low_res(
@@ -495,6 +540,24 @@ class Predictor:
             torch.from_numpy(np.ascontiguousarray(low[:, sl])).to(self.device),
             torch.from_numpy(np.ascontiguousarray(iou[:, sl])).to(self.device),
         )
+
+
+def _make_refiner(model: Sam, refine: Any) -> Any:
+    """The ``refine`` argument of :class:`Predictor` -> a refiner or None."""
+    from .refine import GuidedRefiner
+
+    # the decoder's mask grid: 4x the embedding grid, in the input frame
+    grid = model.prompt_encoder.mask_input_size[0]
+    if isinstance(refine, GuidedRefiner):  # its settings; a refiner holds one photo
+        return GuidedRefiner(refine.radius, refine.eps, refine.keep_clicks, mask_grid=grid)
+    if isinstance(refine, str) and refine == "auto":
+        cfg = getattr(model, "config", None)
+        refine = cfg is not None and cfg.image_encoder.kind == "efficientnet_lite"
+    if refine is True:
+        return GuidedRefiner(mask_grid=grid)
+    if refine is False or refine is None:
+        return None
+    raise ValueError(f"refine must be 'auto', True, False or a GuidedRefiner, got {refine!r}")
 
 
 def _ragged_groups(point_coords: Any) -> list[list[int]] | None:

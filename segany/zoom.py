@@ -151,7 +151,11 @@ class ZoomInPredictor:
         backend = predictor.backend or "torch"
         self._backend = backend
         self.full = predictor
-        self.full_mirror = Predictor(predictor.model, backend=backend) if flip else None
+        self.full_mirror = (
+            Predictor(predictor.model, backend=backend, refine=_refine_of(predictor))
+            if flip
+            else None
+        )
         self.skip_clicks = skip_clicks
         self.expansion = float(expansion)
         self.min_crop = float(min_crop)
@@ -189,15 +193,17 @@ class ZoomInPredictor:
         self.full.reset_image()
         self._forget()
 
+    def _fresh(self) -> Predictor:
+        """A new predictor of the full one's model, backend and mask refinement."""
+        return Predictor(self.full.model, backend=self._backend, refine=_refine_of(self.full))
+
     def _forget(self) -> None:
         if self.full_mirror is not None:
             self.full_mirror.reset_image()
         # Each crop gets new predictors (here and in encode_crop), so one handed out by
         # encoded_crop() or taken in by use_crop() is never reset or re-encoded under its holder.
-        self.crop = Predictor(self.full.model, backend=self._backend)
-        self.crop_mirror: Predictor | None = (
-            Predictor(self.full.model, backend=self._backend) if self.flip else None
-        )
+        self.crop = self._fresh()
+        self.crop_mirror: Predictor | None = self._fresh() if self.flip else None
         self._image: np.ndarray | None = None
         self._crop_rect: tuple[int, int, int, int] | None = None
         self._last_low: np.ndarray | None = None  # C x m x m, as last returned
@@ -224,6 +230,7 @@ class ZoomInPredictor:
                 f"a {self.full.orig_w} x {self.full.orig_h} image"
             )
         self._forget()
+        self.full.set_guide_image(image)
         self._attach(image)
 
     def _in_model_format(self, image: np.ndarray, image_format: str) -> np.ndarray:
@@ -285,10 +292,10 @@ class ZoomInPredictor:
         assert self._image is not None
         part = self._image[y0:y1, x0:x1]
         fmt = self.full.model.image_format
-        self.crop = Predictor(self.full.model, backend=self._backend)
+        self.crop = self._fresh()
         self.crop.set_image(part, fmt)
         if self.flip:
-            self.crop_mirror = Predictor(self.full.model, backend=self._backend)
+            self.crop_mirror = self._fresh()
             self.crop_mirror.set_image(np.ascontiguousarray(part[:, ::-1]), fmt)
         self._crop_rect = rect
         self.crops_encoded += 1
@@ -536,6 +543,11 @@ class ZoomInPredictor:
         out = full.copy()
         out[best] = refined[0]
         return out, np.asarray(scores, dtype=np.float32)
+
+
+def _refine_of(predictor: Predictor) -> Any:
+    """``refine`` for a predictor of crops or mirrors: the same as ``predictor``'s."""
+    return predictor.refiner if predictor.refiner is not None else False
 
 
 def _as_4d(mask_input: Any) -> np.ndarray:

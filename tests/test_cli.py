@@ -104,6 +104,26 @@ def test_segment_zoom_in_is_the_zoom_predictor(ckpt, photo, tmp_path, capsys):
     assert_one_line_error(code, err, "--zoom-in")
 
 
+def test_segment_refine_flag_is_the_predictor_setting(ckpt, photo, tmp_path, capsys):
+    # The tiny checkpoint is a ViT (SAM): "auto" leaves it unrefined, "on" refines it.
+    image = np.array(Image.open(photo))
+    model = build_model(checkpoint=ckpt)
+    for flag, refine in (("auto", False), ("on", True), ("off", False)):
+        out = tmp_path / f"{flag}.png"
+        args = ["segment", photo, "--point", "40,30", "-o", out, "--checkpoint", ckpt]
+        code, _, _ = run([*args, "--refine", flag], capsys)
+        assert code == 0
+        pred = Predictor(model, refine=refine)
+        pred.set_image(image)
+        masks, scores, _ = pred.predict(np.array([[40, 30]]), np.array([1]))
+        np.testing.assert_array_equal(np.array(Image.open(out)) > 0, masks[scores.argmax()])
+    assert not np.array_equal(
+        np.array(Image.open(tmp_path / "on.png")), np.array(Image.open(tmp_path / "off.png"))
+    )
+    with pytest.raises(SystemExit):
+        main(["segment", str(photo), "--point", "1,2", "-o", str(out), "--refine", "sharp"])
+
+
 def test_segment_several_boxes_writes_label_map(ckpt, photo, tmp_path, capsys):
     out = tmp_path / "labels.png"
     code, _, _ = run(

@@ -78,7 +78,7 @@ def test_trained_branch_changes_masks_and_batches_equal_items():
     _, model = _pair()
     _train_branch(model)
     image = synthetic_image(120, 180, seed=2)
-    pred = Predictor(model)
+    pred = Predictor(model, refine=False)  # the decoder itself, unrefined
     pred.set_image(image)
     plain = Predictor(_pair()[1])
     plain.set_image(image)

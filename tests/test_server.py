@@ -203,6 +203,29 @@ def test_predict_point_equals_library(client, image_id, model, image):
     assert out["low_res_logits"] is None and out["decode_ms"] >= 0
 
 
+def test_predict_refines_segany_lite_masks_as_the_library(png, image, tmp_path):
+    # segany-lite models are refined on the photo by default (segany.refine); the server
+    # restores the embedding and decodes the upload again for the guide, also after a restart
+    # from its disk cache.
+    from conftest import TINY_LITE
+
+    lite = randomize_(build_sam(TINY_LITE), seed=2).eval()
+    p = Predictor(lite)
+    p.set_image(image)
+    body = {"points": [[90, 60], [20, 100]], "labels": [1, 0]}
+    masks, _, _ = p.predict(np.array(body["points"]), np.array(body["labels"]))
+    unrefined = Predictor(lite, refine=False)
+    unrefined.set_image(image)
+    plain, _, _ = unrefined.predict(np.array(body["points"]), np.array(body["labels"]))
+    assert not np.array_equal(masks, plain)
+    for _ in range(2):  # the second client starts from the first one's disk cache
+        with make_client(lite, cache_dir=str(tmp_path)) as c:
+            image_id = upload(c, png).json()["id"]
+            r = c.post(f"/v1/images/{image_id}/predict", json=body)
+            assert r.status_code == 200, r.text
+            np.testing.assert_array_equal(decoded(r.json()["masks"]), masks)
+
+
 def encode_rle_for_coco(mask: np.ndarray) -> dict:
     rle = encode_rle(mask)
     return {"size": rle["size"], "counts": rle["counts"].encode()}

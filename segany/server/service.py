@@ -156,13 +156,17 @@ class SegmentService:
                 f"at most {self.settings.max_prompt_points} points per request, got {len(points)}"
             )
         start = time.perf_counter()
+        from ..images import load_image
+
         predictor: Any = entry.restore(Predictor(self.model))
+        if predictor.refiner is not None or zoom_in:
+            image = load_image(entry.data, max_pixels=self.settings.max_pixels)
+            predictor.set_guide_image(image)
         if zoom_in:
-            from ..images import load_image
             from ..zoom import ZoomInPredictor
 
             zoom = ZoomInPredictor(predictor)
-            zoom.set_encoded_image(load_image(entry.data, max_pixels=self.settings.max_pixels))
+            zoom.set_encoded_image(image)
             if zoom_crop is not None:
                 self._start_zoom(zoom, entry.id, zoom_crop)
             predictor = zoom

@@ -13,7 +13,7 @@ zoom-in with test-time flips), the settings of ``segany eval --zoom-in [--flip]`
 weights at another input size (segany-lite: no weight depends on it); ``--sets`` keeps some
 sets only (e.g. the whole-object ones, COCO_MVal,PennFudanPed,WeizmannHorse); ``--refine
 off`` turns the Predictor's mask refinement off (default auto: on for segany-lite),
-``--refine-radius`` / ``--refine-eps`` / ``--keep-clicks`` set it (how its defaults were
+``--refine-radius`` / ``--refine-eps`` / ``--keep-clicks`` / ``--refine-fit-scale`` set it (how its defaults were
 chosen).
 
     .venv/bin/python benchmarks/heldout_interactive.py \
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--refine-radius", type=float, help="refinement window, mask cells")
     ap.add_argument("--refine-eps", type=float, help="refinement regulariser")
     ap.add_argument("--keep-clicks", action="store_true", help="refinement keeps the clicks")
+    ap.add_argument("--refine-fit-scale", type=int, help="refinement fitted at 1/N (1: full res)")
     ap.add_argument("--expansion", type=float, default=2.0, help="zoom-in crop growth")
     ap.add_argument("--min-crop", type=float, default=0.3, help="zoom-in shortest crop side")
     ap.add_argument("--zoom-boxes", action="store_true", help="zoom-in: boxes on a crop too")
@@ -107,12 +108,13 @@ def main() -> None:
     args = ap.parse_args()
     keep = set(args.sets.split(",")) if args.sets else None
     refine: object = {"auto": "auto", "on": True, "off": False}[args.refine]
-    if args.refine_radius is not None or args.refine_eps is not None or args.keep_clicks:
-        given = {
-            "radius": args.refine_radius,
-            "eps": args.refine_eps,
-            "keep_clicks": args.keep_clicks or None,
-        }
+    given = {
+        "radius": args.refine_radius,
+        "eps": args.refine_eps,
+        "keep_clicks": args.keep_clicks or None,
+        "fit_scale": args.refine_fit_scale,
+    }
+    if any(v is not None for v in given.values()):
         refine = GuidedRefiner(**{k: v for k, v in given.items() if v is not None})
     held = held_out_images(Path(args.config))
     train = ROOT.parent / "shared" / "data" / "train"

@@ -549,7 +549,13 @@ def _make_refiner(model: Sam, refine: Any) -> Any:
     # the decoder's mask grid: 4x the embedding grid, in the input frame
     grid = model.prompt_encoder.mask_input_size[0]
     if isinstance(refine, GuidedRefiner):  # its settings; a refiner holds one photo
-        return GuidedRefiner(refine.radius, refine.eps, refine.keep_clicks, mask_grid=grid)
+        return GuidedRefiner(
+            refine.radius,
+            refine.eps,
+            refine.keep_clicks,
+            mask_grid=grid,
+            fit_scale=refine.fit_scale,
+        )
     if isinstance(refine, str) and refine == "auto":
         cfg = getattr(model, "config", None)
         refine = cfg is not None and cfg.image_encoder.kind == "efficientnet_lite"

@@ -161,6 +161,21 @@ def test_subsampled_refinement_is_the_fast_guided_filter() -> None:
     np.testing.assert_allclose(got, want, atol=2e-3)
 
 
+def test_fit_scale_one_is_the_full_resolution_filter() -> None:
+    image = synthetic_image(64, 96, seed=5)
+    yy, xx = np.mgrid[:64, :96]
+    logits = (8.0 - np.hypot(yy - 30, xx - 50) / 3).astype(np.float32)
+    full = GuidedRefiner(radius=2.0, mask_grid=12, fit_scale=1)
+    auto = GuidedRefiner(radius=2.0, mask_grid=12)
+    for r in (full, auto):
+        r.set_image(image)
+    assert full.subsample(image.shape[:2]) == 1 and auto.subsample(image.shape[:2]) == 4
+    p = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    q = np.clip(_guided_filter(_guide_terms(image, 16, 1e-3), p, 16), 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose(full.refine(logits), np.log(q / (1 - q)), atol=2e-3)
+    assert not np.allclose(auto.refine(logits), full.refine(logits), atol=2e-3)
+
+
 def refine_coefficients(image: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
     from segany.refine import _coefficients
 
@@ -168,7 +183,14 @@ def refine_coefficients(image: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
 
 
 def test_refiner_rejects_bad_settings_and_inputs() -> None:
-    for kwargs in ({"radius": 0}, {"radius": float("nan")}, {"eps": 0.0}, {"mask_grid": 0}):
+    bad = (
+        {"radius": 0},
+        {"radius": float("nan")},
+        {"eps": 0.0},
+        {"mask_grid": 0},
+        {"fit_scale": 0},
+    )
+    for kwargs in bad:
         with pytest.raises(ValueError):
             GuidedRefiner(**kwargs)
     refiner = GuidedRefiner()

@@ -35,7 +35,7 @@ from segany.build import instantiate
 from segany.data import DavisDataset, ManifestDataset, MaskDataset, load_sample
 from segany.evaluate import evaluate_interactive, mask_iou, next_click
 from segany.modeling.sam import Sam
-from segany.refine import GuidedRefiner
+from segany.refine import REFINE_CHOICES, GuidedRefiner
 from segany.zoom import ZoomInPredictor
 
 DAVIS = ROOT.parent / "shared" / "data" / "val" / "DAVIS"
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--zoom-in", action="store_true", help="add a ZoomInPredictor row")
     ap.add_argument("--flip", action="store_true", help="add a zoom-in + flip row")
     ap.add_argument(
-        "--refine", choices=["auto", "on", "off"], default="auto", help="Predictor mask refinement"
+        "--refine", choices=list(REFINE_CHOICES), default="auto", help="Predictor mask refinement"
     )
     ap.add_argument("--refine-radius", type=float, help="refinement window, mask cells")
     ap.add_argument("--refine-eps", type=float, help="refinement regulariser")
@@ -107,7 +107,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     keep = set(args.sets.split(",")) if args.sets else None
-    refine: object = {"auto": "auto", "on": True, "off": False}[args.refine]
+    refine: object = REFINE_CHOICES[args.refine]
     given = {
         "radius": args.refine_radius,
         "eps": args.refine_eps,

@@ -28,6 +28,7 @@ import torch
 from segany import AutomaticMaskGenerator, Predictor, build_model, load_image
 from segany.data import DavisDataset
 from segany.evaluate import GrabCutPredictor, evaluate_interactive, plot_miou_curve
+from segany.refine import REFINE_CHOICES
 from segany.zoom import ZoomInPredictor
 
 DAVIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "val" / "DAVIS"
@@ -116,7 +117,7 @@ def main() -> None:
     )
     ap.add_argument("--zoom-in", action="store_true", help="add a ZoomInPredictor row")
     ap.add_argument("--flip", action="store_true", help="add a zoom-in + test-time flip row")
-    ap.add_argument("--refine", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--refine", choices=list(REFINE_CHOICES), default="auto")
     ap.add_argument("--also-unrefined", action="store_true", help="add a row with refine off")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="artifacts/lite_targets.json")
@@ -125,7 +126,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(checkpoint=args.checkpoint) if args.checkpoint else build_model()
     ds = DavisDataset(args.data)
-    refine = {"auto": "auto", "on": True, "off": False}[args.refine]
+    refine = REFINE_CHOICES[args.refine]
     plain = Predictor(model, refine=refine)
     reports = {"segany-lite": evaluate_interactive(plain, ds, limit=args.limit)}
     print(json.dumps({"segany-lite": _summary(reports["segany-lite"]["per_instance"])}))

@@ -321,6 +321,7 @@ def _check_output_dir(path: str) -> None:
 def cmd_segment(args: argparse.Namespace) -> int:
     from . import masks as M
     from .predictor import Predictor
+    from .refine import REFINE_CHOICES
 
     if not args.point and not args.box:
         raise CliError("give at least one --point or --box")
@@ -332,7 +333,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.zoom_in and len(args.box) > 1:
         raise CliError("--zoom-in refines one object: give points and/or one --box")
     image = _load_image(args.image, args)
-    predictor: Any = Predictor(_load_model(args), refine=_REFINE[args.refine])
+    predictor: Any = Predictor(_load_model(args), refine=REFINE_CHOICES[args.refine])
     if args.zoom_in:
         from .zoom import ZoomInPredictor
 
@@ -583,6 +584,7 @@ def _eval_dataset(args: argparse.Namespace) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import GrabCutPredictor, evaluate_interactive, plot_miou_curve, save_report
     from .predictor import Predictor
+    from .refine import REFINE_CHOICES
 
     if args.task != "interactive" and args.plot:
         raise CliError("--plot is for --task interactive; use --overlays for pictures")
@@ -600,7 +602,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         name = "GrabCut"
     else:
         model = _load_model(args)
-        predictor = Predictor(model, refine=_REFINE[args.refine])
+        predictor = Predictor(model, refine=REFINE_CHOICES[args.refine])
         name = args.model or (Path(args.checkpoint).stem if args.checkpoint else "segany-lite")
         if args.zoom_in or args.flip:
             from .zoom import ZoomInPredictor
@@ -629,13 +631,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_REFINE: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False}
-
-
 def _refine_arg(parser: Any) -> None:
+    from .refine import REFINE_CHOICES
+
     parser.add_argument(
         "--refine",
-        choices=list(_REFINE),
+        choices=list(REFINE_CHOICES),
         default="auto",
         help="snap mask boundaries onto the photo's edges (guided filter, segany.refine); "
         "auto (default): for segany-lite models, not for official SAM checkpoints",

@@ -458,9 +458,9 @@ class Predictor:
             points = (point_coords, point_labels)
         low_res, iou = self.decode_low_res(points, boxes, mask_input, multimask_output)
         refiner = self.refiner if self.refiner is not None and self.refiner.has_image else None
-        threshold = None if return_logits or refiner is not None else self.model.mask_threshold
-        masks = self.model.postprocess_masks(
-            low_res, self.input_size, self.original_size, threshold=threshold
+        threshold = None if return_logits else self.model.mask_threshold
+        masks = self.model.postprocess_masks(  # the refiner thresholds what it refines
+            low_res, self.input_size, self.original_size, threshold=None if refiner else threshold
         )
         if refiner is not None:
             clicks = {}
@@ -475,7 +475,6 @@ class Predictor:
                     "points": (points[0].detach().float().cpu() * scale).numpy(),
                     "labels": points[1].detach().cpu().numpy(),
                 }
-            threshold = None if return_logits else self.model.mask_threshold
             refined = refiner.refine(
                 masks.detach().float().cpu().numpy(), **clicks, threshold=threshold
             )

@@ -24,7 +24,10 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-__all__ = ["GuidedRefiner"]
+__all__ = ["REFINE_CHOICES", "GuidedRefiner"]
+
+#: ``--refine`` values of the command line and benchmarks -> ``Predictor(refine=...)``
+REFINE_CHOICES: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False}
 
 _P_LOW = 1e-3  # probabilities outside (_P_LOW, 1 - _P_LOW) count as flat
 _CLIP = 1e-6  # refined probabilities are kept in (_CLIP, 1 - _CLIP) before the logit
@@ -74,15 +77,6 @@ class GuidedRefiner:
         self._guide: np.ndarray | None = None
         self._cache: tuple[Any, tuple[np.ndarray, np.ndarray | None]] | None = None
         self._terms_cache: tuple[Any, _GuideTerms] | None = None
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "kind": "guided",
-            "radius": self.radius,
-            "eps": self.eps,
-            "keep_clicks": self.keep_clicks,
-            "fit_scale": self.fit_scale,
-        }
 
     @property
     def has_image(self) -> bool:
@@ -153,7 +147,7 @@ class GuidedRefiner:
 
     def _low_res(self, s: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The photo at 1/``s`` (area-averaged, uint8) and its full-resolution colour planes
-        in [0, 1] (None above ``_PLANES_PIXELS``: made per strip then), once per image."""
+        in [0, 1] (None above ``_PLANES_PIXELS``: made per tile then), once per image."""
         assert self._guide is not None
         key = ("low", s)
         if self._cache is None or self._cache[0] != key:

@@ -151,11 +151,7 @@ class ZoomInPredictor:
         backend = predictor.backend or "torch"
         self._backend = backend
         self.full = predictor
-        self.full_mirror = (
-            Predictor(predictor.model, backend=backend, refine=_refine_of(predictor))
-            if flip
-            else None
-        )
+        self.full_mirror = self._fresh() if flip else None
         self.skip_clicks = skip_clicks
         self.expansion = float(expansion)
         self.min_crop = float(min_crop)

@@ -242,7 +242,8 @@ def _upsampled(
     """The planes of ``coef`` (a crop at ``origin`` of a grid ``scale`` times the photo's
     size) bilinearly interpolated at the photo's pixels ``tile`` (``y0, y1, x0, x1``), pixel
     centres mapped as :func:`cv2.resize` maps them, edges replicated. An affine warp: 5-10x
-    faster than a remap with per-pixel maps, and no maps to build."""
+    faster than a remap with per-pixel maps, and no maps to build; like a remap it
+    interpolates at 1/32-pixel steps of the coefficient grid (cv2.resize exactly)."""
     (sy, sx), (t0, t1, u0, u1), (oy, ox) = scale, tile, origin
     warp = np.array([[sx, 0.0, (u0 + 0.5) * sx - 0.5 - ox], [0.0, sy, (t0 + 0.5) * sy - 0.5 - oy]])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP

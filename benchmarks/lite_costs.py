@@ -13,7 +13,7 @@
   prompts whose masks get upscaled only (``Sam.fast_high_res_prompt``); checks the masks match.
 * ``refine``: one click (3 candidates) and one refinement with the mask refinement on the
   photo's edges (``segany.refine``) and off, on a photo at 854 (DAVIS's size), 1024 and
-  4000 x 2250 px; the first refined click (which makes the guide's terms) apart, and the
+  4000 x 2248 px; the first refined click (which makes the guide's terms) apart, and the
   process's peak memory growth on the 4000-px photo.
 
 Prints medians; alternates the compared settings.

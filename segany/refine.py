@@ -196,7 +196,6 @@ class GuidedRefiner:
             ly0, ly1, lx0, lx1 = low_rect
             y0, y1 = ly0 * h // hl, min(h, -(-ly1 * h // hl))
             x0, x1 = lx0 * w // wl, min(w, -(-lx1 * w // wl))
-            rect = (y0, y1, x0, x1)
             p = _sigmoid(low_logit[ly0:ly1, lx0:lx1])
         coef = _coefficients(self._terms(low, s, r).crop(ly0, ly1, lx0, lx1), p, r)
         q_threshold = None if threshold is None else 1.0 / (1.0 + np.exp(-threshold))
@@ -401,10 +400,3 @@ def _coefficients(terms: _GuideTerms, p: np.ndarray, r: int) -> np.ndarray:
     a2 = i02 * v0 + i12 * v1 + i22 * v2
     b = mean_p - a0 * mean[0] - a1 * mean[1] - a2 * mean[2]
     return np.stack([_box(a0, r), _box(a1, r), _box(a2, r), _box(b, r)])
-
-
-def _guided_filter(terms: _GuideTerms, p: np.ndarray, r: int) -> np.ndarray:
-    """Colour guided filter of ``p`` (``H x W`` float32) by the guide ``terms``."""
-    c = _coefficients(terms, p, r)
-    g = terms.guide
-    return c[0] * g[0] + c[1] * g[1] + c[2] * g[2] + c[3]

@@ -8,7 +8,7 @@ from conftest import TINY, TINY_LITE, randomize_, synthetic_image
 
 from segany import Predictor
 from segany.modeling import build_sam
-from segany.refine import GuidedRefiner, _guide_terms, _guided_filter
+from segany.refine import GuidedRefiner, _coefficients, _guide_terms
 from segany.zoom import ZoomInPredictor
 
 
@@ -185,9 +185,15 @@ def _prob(logits: np.ndarray) -> np.ndarray:
 
 
 def refine_coefficients(image: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
-    from segany.refine import _coefficients
-
     return _coefficients(_guide_terms(image, r, 1e-3), p, r)
+
+
+def _guided_filter(terms, p: np.ndarray, r: int) -> np.ndarray:
+    """The colour guided filter of ``p`` at the guide's own resolution: the refiner's fitted
+    coefficients applied to the guide (what ``fit_scale=1`` computes)."""
+    c = _coefficients(terms, p, r)
+    g = terms.guide
+    return c[0] * g[0] + c[1] * g[1] + c[2] * g[2] + c[3]
 
 
 def test_refiner_rejects_bad_settings_and_inputs() -> None:
